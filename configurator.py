@@ -1,0 +1,150 @@
+"""
+Command-line configuration shared by every script, in nanoGPT's style. A script keeps its settings as
+module-level variables with a comment each, then calls
+
+    config = configure(globals())
+
+which applies, in order, any config files and --key=value arguments from the command line:
+
+    python train.py config/shakespeare_char.py --batch_size=32 --compile=False
+
+A config file is a Python file whose top-level assignments override the defaults. --key=value values
+are parsed as Python literals (--dropout=0.1, --compile=False) and otherwise kept as strings
+(--device=cuda). A value must have its default's type (an int may stand for a float, anything may
+replace a None default). Mistakes end the program with a one-line error and exit code 2; --help lists every
+key with its default and comment.
+"""
+import ast
+import difflib
+import io
+import os
+import sys
+import tokenize
+
+CONFIG_TYPES = (int, float, bool, str, type(None))
+
+
+class ConfigError(Exception):
+    """A mistake on the command line or in a config file."""
+
+
+def fail(message):
+    """End a script on bad input: one line on stderr, exit code 2, no traceback."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def config_keys(namespace):
+    """The settings of a script: its public module-level variables of simple types."""
+    return [k for k, v in namespace.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+
+
+def _check_type(key, value, default):
+    if default is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise ConfigError(f'{key} must be {type(default).__name__} like its default {default!r}, got {value!r}')
+    return value
+
+
+def _unknown_key(key, known):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else '; --help lists them'
+    return ConfigError(f'unknown config key {key!r}{hint}')
+
+
+def _parse_value(raw, default):
+    if isinstance(default, str):
+        # a string setting keeps its text as typed (so --start=123 is the prompt "123"), unless quoted
+        try:
+            value = ast.literal_eval(raw)
+            return value if isinstance(value, str) else raw
+        except (ValueError, SyntaxError):
+            return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _comments(path):
+    """The trailing comment of each top-level assignment in a script, for --help."""
+    comments = {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            tokens = list(tokenize.generate_tokens(io.StringIO(f.read()).readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return comments
+    line_start = {}
+    for tok in tokens:
+        if tok.type == tokenize.NAME and tok.start[1] == 0:
+            line_start[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_start:
+            comments.setdefault(line_start[tok.start[0]], tok.string.lstrip('# '))
+    return comments
+
+
+def help_text(namespace, defaults):
+    script = namespace.get('__file__', sys.argv[0])
+    comments = _comments(script)
+    lines = [f'usage: python {os.path.relpath(script)} [config/file.py ...] [--key=value ...]', '', 'keys:']
+    width = max(len(k) for k in defaults)
+    for key, value in defaults.items():
+        comment = f'  # {comments[key]}' if key in comments else ''
+        lines.append(f'  --{key.ljust(width)} = {value!r}{comment}')
+    return '\n'.join(lines)
+
+
+def apply_config(defaults, argv):
+    """Return a dict of the settings in defaults overridden by argv; raise ConfigError on mistakes."""
+    config = dict(defaults)
+    known = list(defaults)
+    for arg in argv:
+        if not arg.startswith('--'):
+            if not os.path.isfile(arg):
+                raise ConfigError(f'config file {arg!r} not found (config files are Python files, e.g. config/shakespeare_char.py)')
+            scope = dict(config)
+            try:
+                with open(arg, encoding='utf-8') as f:
+                    exec(compile(f.read(), arg, 'exec'), scope)
+            except Exception as e:
+                raise ConfigError(f'error in config file {arg}: {type(e).__name__}: {e}') from None
+            for key, value in scope.items():
+                if key.startswith('_') or key in config and value is config[key]:
+                    continue
+                if key not in config:
+                    if isinstance(value, CONFIG_TYPES):  # ignore the file's imports and helper functions
+                        raise ConfigError(f'{arg}: {_unknown_key(key, known)}')
+                    continue
+                config[key] = _check_type(key, value, defaults[key])
+        else:
+            key, sep, raw = arg[2:].partition('=')
+            if not sep or not key:
+                raise ConfigError(f'malformed argument {arg!r}: use --key=value')
+            if key not in config:
+                raise _unknown_key(key, known)
+            config[key] = _check_type(key, _parse_value(raw, defaults[key]), defaults[key])
+    return config
+
+
+def configure(namespace, argv=None):
+    """Apply the command line to a script's settings in place (namespace is its globals()) and return
+    them as a dict. --help prints the keys and exits; a mistake prints one line and exits with code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {k: namespace[k] for k in config_keys(namespace)}
+    if any(a in ('-h', '--help') for a in argv):
+        print(help_text(namespace, defaults))
+        sys.exit(0)
+    try:
+        config = apply_config(defaults, argv)
+    except ConfigError as e:
+        fail(e)
+    namespace.update(config)
+    return config

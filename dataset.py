@@ -1,0 +1,109 @@
+"""
+A prepared dataset on disk: a folder holding train.bin and val.bin (flat arrays of token ids, memmapped
+during training) and meta.json, which says how to read them and which tokenizer made them.
+
+meta.json keys: tokenizer (the tokenizer's description, see tokenizer.py), vocab_size, dtype ('uint16'
+or 'uint32'), and whatever statistics the prepare script recorded (train_tokens, val_tokens,
+bytes_per_token, ...).
+"""
+import json
+import os
+
+import numpy as np
+
+META_NAME = 'meta.json'
+
+
+class DatasetError(Exception):
+    """A dataset that is missing or inconsistent; the message says how to fix it."""
+
+
+def token_dtype(vocab_size):
+    # uint16 halves disk and memory for every vocabulary up to 65,536 ids (GPT-2's 50,257 included);
+    # larger vocabularies (Gemma's 262,144) need uint32
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def atomic_write_bytes(path, write):
+    """Call write(file) on a temporary file beside path, then rename it over path: a crash mid-write
+    never leaves a truncated file under the real name."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8')))
+
+
+def write_split(folder, split, ids, dtype):
+    """Write one split's token ids as a flat binary array."""
+    ids = np.asarray(ids)
+    if ids.size and ids.max() > np.iinfo(dtype).max:
+        raise DatasetError(f'token id {ids.max()} does not fit {np.dtype(dtype).name}')
+    atomic_write_bytes(os.path.join(folder, f'{split}.bin'), lambda f: f.write(ids.astype(dtype).tobytes()))
+
+
+def save_meta(folder, tokenizer, **stats):
+    """Record the tokenizer and the on-disk dtype beside the .bin files. Written last by every prepare
+    script, so a dataset whose meta.json exists is complete."""
+    meta = dict(tokenizer=tokenizer.describe(), vocab_size=tokenizer.vocab_size,
+                dtype=np.dtype(token_dtype(tokenizer.vocab_size)).name, **stats)
+    atomic_write_json(os.path.join(folder, META_NAME), meta)
+    return meta
+
+
+def prepare_command(folder):
+    """The command that (re)creates the dataset in folder, for error messages."""
+    script = os.path.join(folder, 'prepare.py')
+    return f'python {script}' if os.path.exists(script) else f'python prepare.py --out_dir={folder}'
+
+
+def load_meta(folder):
+    path = os.path.join(folder, META_NAME)
+    if not os.path.exists(path):
+        raise DatasetError(f"no prepared dataset in {folder} (missing {META_NAME}): run `{prepare_command(folder)}` first")
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def open_split(folder, split, meta):
+    """Memmap one split read-only. A fresh memmap per call is cheap, and it avoids the memory growth
+    of one long-lived np.memmap (https://stackoverflow.com/questions/45132940)."""
+    path = os.path.join(folder, f'{split}.bin')
+    if not os.path.exists(path):
+        raise DatasetError(f'missing {path}: run `{prepare_command(folder)}` again')
+    return np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+
+
+def read_text(input_path, url, cache_path, encoding_errors='strict'):
+    """The corpus text: from input_path if given, else from cache_path, downloading url there first.
+    Without a network, say how to supply the file instead."""
+    path = input_path or cache_path
+    if not input_path and not os.path.exists(cache_path):
+        import urllib.request
+        print(f'downloading {url} to {cache_path}')
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                data = response.read()
+        except OSError as e:
+            raise DatasetError(f'cannot download {url} ({e}); download it yourself to {cache_path}, '
+                               f'or pass --input=PATH to use a local text file') from None
+        atomic_write_bytes(cache_path, lambda f: f.write(data))
+    if not os.path.isfile(path):
+        raise DatasetError(f'input file {path} not found')
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        return raw.decode('utf-8', errors=encoding_errors)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise DatasetError(f'{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}; '
+                           f"convert it, or pass --encoding_errors=replace to replace bad bytes") from None

@@ -1,0 +1,374 @@
+"""
+The GPT language model, in one file.
+
+By default it is GPT-2 exactly (learned positions, LayerNorm, GELU, tied embedding and head), so
+OpenAI's and other GPT-2 weights load unchanged. Config switches bring in the modded-nanogpt speedrun
+choices: rotary position embeddings, RMSNorm, QK-norm, ReLU² or SwiGLU MLPs, an untied head,
+zero-initialised output projections and logit soft-capping.
+References:
+1) the official GPT-2 TensorFlow implementation: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
+3) modded-nanogpt: https://github.com/KellerJordan/modded-nanogpt
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'relu2', 'silu', 'swiglu')
+POSITIONS = ('learned', 'rotary')
+NORMS = ('layernorm', 'rmsnorm')
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True           # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    activation: str = 'gelu'    # one of ACTIVATIONS ('gelu' is exact, GPT-2 itself used 'gelu_tanh')
+    position: str = 'learned'   # 'learned' (GPT-2) or 'rotary'
+    rope_base: float = 10000.0
+    norm: str = 'layernorm'     # 'layernorm' or 'rmsnorm'
+    qk_norm: bool = False       # normalise queries and keys per head before attention
+    tie_weights: bool = True    # share the token embedding with the output head
+    zero_init_proj: bool = False  # start residual output projections (and an untied head) at zero
+    logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
+
+    def __post_init__(self):
+        for key, allowed in (('activation', ACTIVATIONS), ('position', POSITIONS), ('norm', NORMS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f'n_embd={self.n_embd} must be divisible by n_head={self.n_head}')
+        if self.position == 'rotary' and (self.n_embd // self.n_head) % 2:
+            raise ValueError('rotary embeddings need an even head size (n_embd // n_head)')
+
+
+class Norm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1), or RMSNorm."""
+
+    def __init__(self, ndim, kind='layernorm', bias=True):
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias and kind == 'layernorm' else None
+
+    def forward(self, x):
+        if self.kind == 'rmsnorm':
+            return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def rotary_tables(head_dim, length, base):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, nh, T, hs); rotate each (first half, second half) pair of channels by its position's angle
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one position
+    of work instead of a forward pass over the whole context. Preallocated to max_len positions."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions filled
+
+    def update(self, layer, k, v):
+        """Store this layer's new keys/values at the current position; return all keys/values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def reorder(self, batch_indices):
+        """Keep the rows named by batch_indices (beam search reorders its beams every step)."""
+        self.k = self.k[:, batch_indices]
+        self.v = self.v[:, batch_indices]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # key, query, value projections for all heads, in a batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        head_dim = config.n_embd // config.n_head
+        self.q_norm = Norm(head_dim, config.norm, bias=False) if config.qk_norm else None
+        self.k_norm = Norm(head_dim, config.norm, bias=False) if config.qk_norm else None
+
+    def forward(self, x, rotary=None, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)
+        # flash attention make GPU go brrrrr; a prefix in the cache needs an explicit mask (query i sees keys <= past+i)
+        mask = None
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and T > 1),
+                                           dropout_p=self.dropout if self.training else 0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.activation = config.activation
+        hidden = 4 * config.n_embd
+        if self.activation == 'swiglu':
+            # two input projections (gate and value) at 2/3 the width keep the parameter count of a 4x MLP
+            hidden = 2 * (int(2 * hidden / 3) // 2)
+            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
+        else:
+            self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)
+        if self.activation == 'swiglu':
+            gate, value = x.chunk(2, dim=-1)
+            x = F.silu(gate) * value
+        elif self.activation == 'relu2':
+            x = F.relu(x).square()  # ReLU², from the Primer paper; cheap and better than GELU at small scale
+        elif self.activation == 'gelu_tanh':
+            x = F.gelu(x, approximate='tanh')
+        else:
+            x = getattr(F, self.activation)(x)
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd, config.norm, config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = Norm(config.n_embd, config.norm, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=Norm(config.n_embd, config.norm, config.bias),
+        ))
+        if config.position == 'learned':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # weight tying: the same matrix embeds tokens and scores them (https://paperswithcode.com/method/weight-tying)
+            self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
+                # does not grow with depth; the speedrun starts them at zero so each block begins as identity
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj and not config.tie_weights:
+            torch.nn.init.zeros_(self.lm_head.weight)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Number of parameters. Position embeddings are left out by default; the token embedding is
+        counted because, tied, it is also the output head."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.position == 'learned':
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        """idx: (B, T) token ids. With targets (B, T), also returns the mean cross-entropy loss (ids of -1
+        are ignored). With a KVCache, idx holds only the tokens after those already in the cache.
+        last_only computes logits for the last position alone (all generation needs)."""
+        B, T = idx.size()
+        past = cache.pos if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f'cannot forward {past + T} positions, block_size is only {self.config.block_size}')
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.position == 'learned':
+            x = x + self.transformer.wpe(torch.arange(past, past + T, dtype=torch.long, device=idx.device))
+        else:
+            rotary = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rotary, cache)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+        if last_only:
+            x = x[:, [-1], :]
+        logits = self.lm_head(x)
+        if self.config.logit_softcap > 0:
+            # soft-capping keeps logits in (-cap, cap) so no token gets an overconfident score early on
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context, e.g. to fine-tune GPT-2 (1024) with a smaller block."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.config.position == 'learned':
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matrices (Linear weights, embeddings) only: biases and norm gains stay free
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        # the fused CUDA kernel is faster than the default foreach implementation
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+        for group in optimizer.param_groups:
+            group['initial_lr'] = learning_rate
+        return optimizer
+
+    def flops_per_token(self):
+        """Training FLOPs per token, from the PaLM paper's appendix B (https://arxiv.org/abs/2204.02311)."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s as a fraction of the device's peak."""
+        if not peak_flops:
+            return None
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+        temperature 0 is greedy."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Yield the next token of every row, (B,), one step at a time, for streaming."""
+        decoder = Decoder(self, idx, use_cache)
+        for _ in range(max_new_tokens):
+            token = sample_token(decoder.next_logits(), temperature, top_k)
+            decoder.append(token)
+            yield token
+
+
+class Decoder:
+    """Incremental decoding state: the sequence so far and, with use_cache, its KVCache.
+    next_logits() gives the next position's (B, vocab) float32 logits; append(tokens) extends each row.
+    Once the sequence outgrows block_size, the context window jumps forward by half a block (keeping
+    the newest half): the cache is refilled once per half block instead of every step, and the
+    no-cache path uses exactly the same windows, so both give identical tokens."""
+
+    def __init__(self, model, idx, use_cache=True):
+        self.model, self.seq, self.use_cache = model, idx, use_cache
+        self.block = model.config.block_size
+        self.start = max(0, idx.size(1) - self.block)  # a long prompt keeps its last block_size tokens
+        self.cache = None
+        self.fresh = idx.size(1)  # tokens not yet fed through the model
+
+    @torch.no_grad()
+    def next_logits(self):
+        if self.seq.size(1) - self.start > self.block:
+            self.start = self.seq.size(1) - self.block // 2
+            self.cache = None  # positions shifted: the cached keys no longer apply
+        if not self.use_cache:
+            logits, _ = self.model(self.seq[:, self.start:], last_only=True)
+        else:
+            if self.cache is None:
+                self.cache = KVCache(self.model.config, self.seq.size(0), self.block, self.seq.device,
+                                     self.model.lm_head.weight.dtype)
+                self.fresh = self.seq.size(1) - self.start
+            logits, _ = self.model(self.seq[:, -self.fresh:], cache=self.cache, last_only=True)
+        self.fresh = 0
+        return logits[:, -1, :].float()
+
+    def append(self, tokens):
+        self.seq = torch.cat((self.seq, tokens.view(-1, 1)), dim=1)
+        self.fresh += 1
+
+    def reorder(self, batch_indices):
+        """Keep (and duplicate) the rows named by batch_indices, e.g. beam search's surviving beams."""
+        self.seq = self.seq[batch_indices]
+        if self.cache is not None:
+            self.cache.reorder(batch_indices)
+
+
+def sample_token(logits, temperature=1.0, top_k=None):
+    """Pick the next token of each row from (B, vocab) logits. temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('Inf')
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)[:, 0]

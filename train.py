@@ -1,0 +1,349 @@
+"""
+Train a GPT on a prepared dataset. One process on a CPU, a GPU or Apple silicon:
+
+    python train.py config/shakespeare_char.py --batch_size=32
+
+Distributed data parallel on 4 GPUs of one node, or on 2 nodes of 8 GPUs each:
+
+    torchrun --standalone --nproc_per_node=4 train.py config/x.py
+    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 train.py config/x.py
+    (and --node_rank=1 on the second node; add NCCL_IB_DISABLE=1 without Infiniband)
+
+`python train.py --help` lists every setting.
+"""
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import CheckpointError, load_model, load_training_state, read_checkpoint, save_checkpoint
+from configurator import configure, fail
+from dataset import DatasetError, load_meta, open_split
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default config values: GPT-2 (124M) on OpenWebText
+# I/O
+out_dir = 'out'  # where checkpoints are written (and read, with init_from='resume')
+eval_interval = 2000  # evaluate train/val loss every this many iterations
+log_interval = 1  # print a log line every this many iterations
+eval_iters = 200  # batches per split in each evaluation
+eval_only = False  # evaluate once, then exit
+always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
+init_from = 'scratch'  # 'scratch' or 'resume' (from the checkpoint in out_dir)
+# wandb logging
+wandb_log = False  # log to Weights & Biases (pip install wandb)
+wandb_project = 'owt'
+wandb_run_name = 'gpt2'
+# data
+dataset = 'openwebtext'  # a folder under data/, or a path to a prepared dataset folder
+gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step (in total over all processes)
+batch_size = 12  # micro-batch size; with accumulation, the batch is batch_size * gradient_accumulation_steps
+block_size = 1024  # context length in tokens
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+bias = False  # biases in Linear and LayerNorm layers
+activation = 'gelu'  # MLP activation: gelu, gelu_tanh, relu, relu2, silu or swiglu
+position = 'learned'  # position embedding: learned or rotary
+norm = 'layernorm'  # layernorm or rmsnorm
+qk_norm = False  # normalise queries and keys before attention
+tie_weights = True  # share the token embedding and the output head
+zero_init_proj = False  # zero-initialise residual output projections
+logit_softcap = 0.0  # if > 0, cap logits smoothly at +-logit_softcap
+# optimizer
+learning_rate = 6e-4  # max learning rate
+max_iters = 600000  # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this norm, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True  # whether to decay the learning rate
+warmup_iters = 2000  # how many steps to warm up for
+lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
+min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# system
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
+compile = None  # torch.compile the model: None means on for CUDA only
+backend = 'nccl'  # distributed backend on GPU (CPU processes always use gloo)
+seed = 1337
+threads = 0  # CPU threads for torch, 0 leaves torch's default
+# -----------------------------------------------------------------------------
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+
+def resolve_device(name):
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    if torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def resolve_dtype(name, device_type):
+    if name != 'auto':
+        return name
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    return 'float32'
+
+
+if init_from not in ('scratch', 'resume'):
+    fail(f"init_from={init_from!r}: use 'scratch' or 'resume'")
+if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+if compile not in (None, True, False):
+    fail(f'compile={compile!r}: use True, False or None (on for CUDA only)')
+
+# various inits, derived attributes, I/O setup
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
+device = resolve_device(device)
+if ddp:
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    init_process_group(backend=backend if device.startswith('cuda') else 'gloo')
+    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
+    seed_offset = ddp_rank  # each process gets a different seed
+    # world_size processes train simultaneously: scale down the accumulation steps of each
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the {ddp_world_size} processes')
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    master_process = True
+    seed_offset = 0
+    ddp_world_size = 1
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    print(f'tokens per iteration will be: {tokens_per_iter:,}')
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed + seed_offset)
+if threads:
+    torch.set_num_threads(threads)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'  # for later use in torch.autocast
+dtype = resolve_dtype(dtype, device_type)
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+compile = device_type == 'cuda' if compile is None else compile
+
+# data: token memmaps and the tokenizer that made them
+data_dir = dataset if os.path.isdir(dataset) and not os.path.isdir(os.path.join('data', dataset)) else os.path.join('data', dataset)
+try:
+    meta = load_meta(data_dir)
+    split_lengths = {split: len(open_split(data_dir, split, meta)) for split in ('train', 'val')}
+except DatasetError as e:
+    fail(e)
+for split, length in split_lengths.items():
+    if length <= block_size:
+        fail(f'{data_dir}/{split}.bin holds {length} tokens, too few for block_size={block_size}: use a smaller --block_size or more text')
+bytes_per_token = meta.get('bytes_per_token')
+# the sampler's state is saved in checkpoints, so a resumed run draws the same batches it would have
+data_rng = np.random.default_rng(seed + seed_offset)
+
+
+def get_batch(split, rng):
+    # a fresh memmap per batch avoids a memory leak, https://stackoverflow.com/questions/45132940
+    data = open_split(data_dir, split, meta)
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    rows = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    x, y = rows[:, :-1], rows[:, 1:]
+    if device_type == 'cuda':
+        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+# model init
+iter_num = 0
+best_val_loss = 1e9
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  dropout=dropout, activation=activation, position=position, norm=norm, qk_norm=qk_norm,
+                  tie_weights=tie_weights, zero_init_proj=zero_init_proj, logit_softcap=logit_softcap)
+# the model's vocabulary comes from the tokenizer, padded up to a multiple of 64 for efficient matmuls
+model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
+checkpoint = None
+if init_from == 'scratch':
+    if master_process:
+        print('Initializing a new model from scratch')
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except ValueError as e:
+        fail(e)
+else:
+    if master_process:
+        print(f'Resuming training from {out_dir}')
+    try:
+        model, checkpoint = load_model(out_dir)
+    except CheckpointError as e:
+        fail(e)
+    if checkpoint.get('tokenizer') != meta['tokenizer']:
+        fail(f'the checkpoint in {out_dir} was trained with another tokenizer than the dataset {data_dir}: resume on the dataset it was trained on')
+    # the checkpoint's architecture wins over the command line; dropout may be changed on resume
+    model_args = dict(checkpoint['model_args'])
+    model.config.dropout = dropout
+    iter_num = checkpoint['iter_num']
+    best_val_loss = checkpoint['best_val_loss']
+    if checkpoint.get('rng_state'):
+        data_rng.bit_generator.state = checkpoint['rng_state']
+model.to(device)
+
+# a GradScaler is needed for float16 only: it is a no-op when disabled
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    try:
+        load_training_state(out_dir, checkpoint, optimizer, device)
+    except CheckpointError as e:
+        fail(e)
+checkpoint = None  # free up memory
+
+raw_model = model
+if compile:
+    if master_process:
+        print('compiling the model... (takes a ~minute)')
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split. The batches come from a generator seeded the
+    same way every time: evaluations are comparable across iterations and do not disturb training's
+    random stream."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        rng = np.random.default_rng([seed, seed_offset, 1 if split == 'val' else 0])
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, rng)
+            with ctx:
+                _, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters; the factor scales each param
+    group's own initial learning rate."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def peak_flops():
+    """The device's dense bf16 peak, for MFU; None where it is not known (CPU)."""
+    if device_type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12,
+             '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+    return next((flops for key, flops in table.items() if key in name), None)
+
+
+# logging
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+device_peak = peak_flops()
+start_iter = iter_num
+X, Y = get_batch('train', data_rng)  # fetch the very first batch
+t0 = time.time()
+local_iter_num = 0  # number of iterations in the lifetime of this process
+running_mfu = -1.0
+while True:
+
+    # determine and set the learning rate for this iteration
+    lr_factor = get_lr(iter_num) / learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = param_group['initial_lr'] * lr_factor
+
+    # evaluate the loss on train/val sets and write checkpoints (not again right after a resume)
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from == 'scratch') and master_process:
+        losses = estimate_loss()
+        bpb = f", val bits/byte {losses['val'] / math.log(2) / bytes_per_token:.4f}" if bytes_per_token else ''
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * learning_rate, 'mfu': running_mfu * 100})
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0:
+                print(f'saving checkpoint to {out_dir}')
+                save_checkpoint(out_dir, raw_model, optimizer, iter_num, best_val_loss, model_args, config,
+                                meta['tokenizer'], rng_state=data_rng.bit_generator.state)
+    if iter_num == 0 and eval_only:
+        break
+    if iter_num >= max_iters:
+        break
+
+    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    # and using the GradScaler if data type is float16
+    for micro_step in range(gradient_accumulation_steps):
+        # under DDP, gradients are averaged across processes on the last micro step only
+        sync = not ddp or micro_step == gradient_accumulation_steps - 1
+        with nullcontext() if sync else model.no_sync():
+            with ctx:
+                _, loss = model(X, Y)
+                loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+            # immediately async prefetch next batch while model is doing the forward pass on the GPU
+            X, Y = get_batch('train', data_rng)
+            scaler.scale(loss).backward()
+    # clip the gradient
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # step the optimizer and scaler if training in fp16
+    scaler.step(optimizer)
+    scaler.update()
+    # flush the gradients as soon as we can, no need for this memory anymore
+    optimizer.zero_grad(set_to_none=True)
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    iter_num += 1
+    local_iter_num += 1
+    if iter_num % log_interval == 0 and master_process:
+        # get loss as float. note: this is a CPU-GPU sync point
+        # scale up to undo the division above, approximating the true total loss (exact would have been a sum)
+        lossf = loss.item() * gradient_accumulation_steps
+        tokens_per_sec = tokens_per_iter / dt
+        mfu_text = ''
+        if device_peak and local_iter_num >= 5:  # let the training loop settle a bit
+            mfu = raw_model.estimate_mfu(tokens_per_iter, dt, device_peak)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            mfu_text = f', mfu {running_mfu * 100:.2f}%'
+        print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
+
+if ddp:
+    destroy_process_group()
