@@ -68,8 +68,8 @@ def _join_optimizer_state(tensors, saved):
 
 
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_args, config, tokenizer,
-                    rng_state=None):
-    """rng_state: extra JSON-able generator state (the data sampler's), restored on resume."""
+                    training_state=None):
+    """training_state: whatever else, JSON-able, an exact resume needs (the batch sampler's state)."""
     os.makedirs(out_dir, exist_ok=True)
     model_file, optimizer_file = f'model-{iter_num:07d}.safetensors', f'optimizer-{iter_num:07d}.safetensors'
     save_tensors(os.path.join(out_dir, model_file), model_state(model))
@@ -81,7 +81,7 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_ar
     atomic_write_json(os.path.join(out_dir, CHECKPOINT_NAME), dict(
         format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
         tokenizer=tokenizer, model_file=model_file, optimizer_file=optimizer_file, optimizer=opt_json,
-        rng_state=rng_state,
+        training_state=training_state,
     ))
     # only now is the new checkpoint complete: drop the files of earlier ones
     for path in glob.glob(os.path.join(out_dir, '*-*.safetensors')):

@@ -37,6 +37,7 @@ eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
 init_from = 'scratch'  # 'scratch' or 'resume' (from the checkpoint in out_dir)
+target_val_loss = 0.0  # stop once an evaluation's val loss is <= this (a speedrun's finish line); 0 runs all max_iters
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'owt'
@@ -60,7 +61,10 @@ tie_weights = True  # share the token embedding and the output head
 zero_init_proj = False  # zero-initialise residual output projections
 logit_softcap = 0.0  # if > 0, cap logits smoothly at +-logit_softcap
 # optimizer
-learning_rate = 6e-4  # max learning rate
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the blocks' weight matrices, AdamW (learning_rate) for the rest
+muon_lr = 0.02  # Muon's max learning rate; the schedule scales it like learning_rate
+muon_momentum = 0.95  # Muon's (Nesterov) momentum
+learning_rate = 6e-4  # max learning rate (AdamW's)
 max_iters = 600000  # total number of training iterations
 weight_decay = 1e-1
 beta1 = 0.9
@@ -107,6 +111,8 @@ if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
 if compile not in (None, True, False):
     fail(f'compile={compile!r}: use True, False or None (on for CUDA only)')
+if optimizer not in ('adamw', 'muon'):
+    fail(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -198,22 +204,29 @@ else:
         fail(f'the checkpoint in {out_dir} was trained with another tokenizer than the dataset {data_dir}: resume on the dataset it was trained on')
     # the checkpoint's architecture wins over the command line; dropout may be changed on resume
     model_args = dict(checkpoint['model_args'])
+    saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
+    if saved_optimizer != optimizer:
+        fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
     model.config.dropout = dropout
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
-    if checkpoint.get('rng_state'):
-        data_rng.bit_generator.state = checkpoint['rng_state']
 model.to(device)
 
 # a GradScaler is needed for float16 only: it is a no-op when disabled
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# the optimizer setting names the kind; from here on, optimizer is the optimizer itself
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                       muon_lr, muon_momentum)
 if checkpoint is not None:
     try:
         load_training_state(out_dir, checkpoint, optimizer, device)
     except CheckpointError as e:
         fail(e)
+    # restore the batch sampler and the loss scale, so the run continues as if never stopped
+    data_rng.bit_generator.state = checkpoint['training_state']['data_rng']
+    if checkpoint['training_state']['scaler']:
+        scaler.load_state_dict(checkpoint['training_state']['scaler'])
 checkpoint = None  # free up memory
 
 raw_model = model
@@ -264,8 +277,8 @@ def peak_flops():
     if device_type != 'cuda':
         return None
     name = torch.cuda.get_device_name(device)
-    table = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12,
-             '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+    table = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'A100': 312e12,
+             'L40S': 362e12, 'A10': 125e12, '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
     return next((flops for key, flops in table.items() if key in name), None)
 
 
@@ -275,7 +288,11 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 device_peak = peak_flops()
+if master_process:
+    peak_text = f', device peak {device_peak / 1e12:.0f} TFLOP/s' if device_peak else ''
+    print(f'{raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.flops_per_token():,} training FLOPs per token{peak_text}')
 start_iter = iter_num
+batch_rng_state = data_rng.bit_generator.state  # the sampler's state before the batch in X, Y: saved for resume
 X, Y = get_batch('train', data_rng)  # fetch the very first batch
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
@@ -288,7 +305,9 @@ while True:
         param_group['lr'] = param_group['initial_lr'] * lr_factor
 
     # evaluate the loss on train/val sets and write checkpoints (not again right after a resume)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from == 'scratch') and master_process:
+    evaluate = (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from == 'scratch')
+    reached_target = False
+    if evaluate and master_process:
         losses = estimate_loss()
         bpb = f", val bits/byte {losses['val'] / math.log(2) / bytes_per_token:.4f}" if bytes_per_token else ''
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
@@ -299,7 +318,17 @@ while True:
             if iter_num > 0:
                 print(f'saving checkpoint to {out_dir}')
                 save_checkpoint(out_dir, raw_model, optimizer, iter_num, best_val_loss, model_args, config,
-                                meta['tokenizer'], rng_state=data_rng.bit_generator.state)
+                                meta['tokenizer'], dict(data_rng=batch_rng_state, scaler=scaler.state_dict()))
+        reached_target = target_val_loss > 0 and losses['val'] <= target_val_loss
+        if reached_target:
+            print(f'reached target val loss {target_val_loss} at step {iter_num}')
+    if evaluate and ddp and target_val_loss:
+        # only the master evaluates: it tells the others whether to stop
+        flag = torch.tensor([float(reached_target)], device=device)
+        torch.distributed.broadcast(flag, 0)
+        reached_target = bool(flag.item())
+    if reached_target:
+        break
     if iter_num == 0 and eval_only:
         break
     if iter_num >= max_iters:
@@ -315,6 +344,7 @@ while True:
                 _, loss = model(X, Y)
                 loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
             # immediately async prefetch next batch while model is doing the forward pass on the GPU
+            batch_rng_state = data_rng.bit_generator.state
             X, Y = get_batch('train', data_rng)
             scaler.scale(loss).backward()
     # clip the gradient
@@ -345,5 +375,7 @@ while True:
             mfu_text = f', mfu {running_mfu * 100:.2f}%'
         print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
 
+if master_process and device_type == 'cuda':
+    print(f'peak memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB')
 if ddp:
     destroy_process_group()

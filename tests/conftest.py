@@ -1,0 +1,55 @@
+"""Shared test helpers: run the repository's scripts as a user would, on small data made here."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared'
+sys.path.insert(0, str(ROOT))
+
+# a few kilobytes of verse, so character-level training has something to learn on any machine
+TINY_TEXT = ''.join(
+    f"{who}:\nShall I compare thee to a summer's day, number {i}?\nThou art more lovely and more temperate.\n\n"
+    for i in range(120) for who in ('ROMEO', 'JULIET'))
+
+# tiny model settings that train in a second or two on a CPU
+TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+              '--batch_size=8', '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1',
+              '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--dropout=0.0']
+
+
+def run(script, *args, check=True, env=None, timeout=600):
+    """Run a repository script with args from the repository root; return the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', **(env or {}))
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{script} {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
+    return proc
+
+
+def assert_clean_error(proc, *fragments):
+    """A bad input ends with a non-zero exit and a short message, never a traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def val_losses(stdout):
+    return [float(line.split('val loss ')[1].split(',')[0]) for line in stdout.splitlines() if line.startswith('step ')]
+
+
+@pytest.fixture(scope='session')
+def char_dataset(tmp_path_factory):
+    """A character-level dataset prepared from TINY_TEXT by the real prepare script."""
+    folder = tmp_path_factory.mktemp('char_data')
+    text_file = folder / 'input.txt'
+    text_file.write_text(TINY_TEXT, encoding='utf-8')
+    run('data/shakespeare_char/prepare.py', f'--input={text_file}', f'--out_dir={folder}')
+    return folder

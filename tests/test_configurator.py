@@ -1,0 +1,66 @@
+import pytest
+
+from conftest import assert_clean_error, run
+from configurator import ConfigError, apply_config
+
+DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=True, device='auto', start='\n', top_k=None)
+
+
+def test_defaults_config_file_then_arguments(tmp_path):
+    config_file = tmp_path / 'exp.py'
+    config_file.write_text('import math\nbatch_size = 64\nlearning_rate = 1e-3 * math.sqrt(4)\n_scratch = [1, 2]\n')
+    config = apply_config(DEFAULTS, [str(config_file), '--batch_size=32', '--compile=False', '--device=cuda:1'])
+    assert config == dict(DEFAULTS, batch_size=32, learning_rate=2e-3, compile=False, device='cuda:1')
+
+
+def test_literal_parsing_and_types():
+    config = apply_config(DEFAULTS, ['--learning_rate=3', '--start=123', "--top_k=5"])
+    assert config['learning_rate'] == 3.0 and isinstance(config['learning_rate'], float)
+    assert config['start'] == '123'  # a string setting keeps the text as typed
+    assert config['top_k'] == 5  # a None default takes any value
+    assert apply_config(DEFAULTS, ['--start="ROMEO:"'])['start'] == 'ROMEO:'
+    assert apply_config(DEFAULTS, ['--start=a=b'])['start'] == 'a=b'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_size=3.5'], 'batch_size must be int'),
+    (['--compile=1'], 'compile must be bool'),
+    (['--batch_size=True'], 'batch_size must be int'),
+    (['--learning_rat=1e-3'], "did you mean learning_rate"),
+    (['--zzz=1'], "unknown config key 'zzz'"),
+    (['--batch_size'], 'malformed argument'),
+    (['batch_size=3'], "config file 'batch_size=3' not found"),
+])
+def test_mistakes(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_config(DEFAULTS, argv)
+
+
+def test_config_file_mistakes(tmp_path):
+    typo = tmp_path / 'typo.py'
+    typo.write_text('batch_sise = 3\n')
+    with pytest.raises(ConfigError, match='did you mean batch_size'):
+        apply_config(DEFAULTS, [str(typo)])
+    broken = tmp_path / 'broken.py'
+    broken.write_text('batch_size = = 3\n')
+    with pytest.raises(ConfigError, match='error in config file'):
+        apply_config(DEFAULTS, [str(broken)])
+    wrong_type = tmp_path / 'wrong.py'
+    wrong_type.write_text("batch_size = '12'\n")
+    with pytest.raises(ConfigError, match='batch_size must be int'):
+        apply_config(DEFAULTS, [str(wrong_type)])
+
+
+def test_scripts_report_mistakes_in_one_line():
+    assert_clean_error(run('train.py', '--n_layr=2', check=False), 'n_layer')
+    proc = run('train.py', 'config/nonexistent.py', check=False)
+    assert proc.returncode == 2
+    assert_clean_error(proc, 'not found')
+    assert_clean_error(run('train.py', '--dropout=high', check=False), 'dropout must be float')
+
+
+def test_help_lists_every_key_with_default_and_comment():
+    proc = run('train.py', '--help')
+    assert '--batch_size' in proc.stdout and '= 12' in proc.stdout
+    assert 'micro-batch size' in proc.stdout
+    assert '--learning_rate' in proc.stdout and '--init_from' in proc.stdout

@@ -1,0 +1,109 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from checkpoint import load_model, read_checkpoint
+from conftest import ROOT, TINY_TEXT, TINY_TRAIN, assert_clean_error, run, val_losses
+from dataset import load_meta
+from tokenizer import load_tokenizer
+
+
+def test_prepare_writes_splits_and_tokenizer(char_dataset):
+    meta = load_meta(char_dataset)
+    assert meta['dtype'] == 'uint16' and meta['vocab_size'] == len(set(TINY_TEXT))
+    tokenizer = load_tokenizer(meta['tokenizer'])
+    n = int(0.9 * len(TINY_TEXT))
+    for split, expected in (('train', TINY_TEXT[:n]), ('val', TINY_TEXT[n:])):
+        ids = np.fromfile(char_dataset / f'{split}.bin', dtype=np.uint16)
+        assert tokenizer.decode(ids) == expected
+        assert meta[f'{split}_tokens'] == len(expected)
+
+
+def train(dataset, out_dir, *args, check=True):
+    return run('train.py', f'--dataset={dataset}', f'--out_dir={out_dir}', *TINY_TRAIN, *args, check=check)
+
+
+def final_weights(out_dir):
+    return load_file(os.path.join(out_dir, read_checkpoint(out_dir)['model_file']))
+
+
+def test_training_lowers_loss_and_writes_a_loadable_checkpoint(char_dataset, tmp_path):
+    out = tmp_path / 'out'
+    proc = train(char_dataset, out, '--max_iters=60', '--eval_interval=30')
+    losses = val_losses(proc.stdout)
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.8, proc.stdout
+    assert 'tok/s' in proc.stdout
+    ckpt = json.loads((out / 'checkpoint.json').read_text())
+    assert ckpt['iter_num'] == 60 and ckpt['tokenizer'] == load_meta(char_dataset)['tokenizer']
+    assert ckpt['config']['max_iters'] == 60 and ckpt['model_args']['n_layer'] == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        'checkpoint.json', 'model-0000060.safetensors', 'optimizer-0000060.safetensors']
+    model, _ = load_model(out)
+    assert model.config.vocab_size == 64  # the tokenizer's 23 characters, padded to a multiple of 64
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(char_dataset, tmp_path):
+    args = ['--max_iters=24', '--eval_interval=12', '--dropout=0.1', '--gradient_accumulation_steps=2']
+    train(char_dataset, tmp_path / 'whole', *args)
+    train(char_dataset, tmp_path / 'split', '--max_iters=12', *args[1:])
+    proc = train(char_dataset, tmp_path / 'split', '--init_from=resume', *args)
+    assert 'Resuming training' in proc.stdout
+    whole, split = final_weights(tmp_path / 'whole'), final_weights(tmp_path / 'split')
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(char_dataset, tmp_path):
+    out = tmp_path / 'out'
+    train(char_dataset, out, '--max_iters=10', '--eval_interval=10')
+    # a crash mid-save leaves a temporary file behind: loading ignores it and finds the complete checkpoint
+    (out / 'model-0000020.safetensors.tmp123').write_bytes(b'half written')
+    model, ckpt = load_model(out)
+    assert ckpt['iter_num'] == 10
+
+
+def test_ddp_two_processes_on_cpu(char_dataset, tmp_path):
+    out = tmp_path / 'ddp'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+           f'--dataset={char_dataset}', f'--out_dir={out}', *TINY_TRAIN, '--gradient_accumulation_steps=2',
+           '--max_iters=40', '--eval_interval=20']
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # one process logs and writes checkpoints
+    assert proc.stdout.count('iter 40:') == 1 and proc.stdout.count('step 40:') == 1
+    assert 'tokens per iteration will be: 512' in proc.stdout  # 2 processes x 1 micro-step x 8 x 32
+    losses = val_losses(proc.stdout)
+    assert losses[-1] < losses[0] - 0.5, proc.stdout
+    model, ckpt = load_model(out)
+    assert ckpt['iter_num'] == 40
+
+
+def test_bad_inputs_give_one_line(char_dataset, tmp_path):
+    proc = run('train.py', '--dataset=no_such_corpus', *TINY_TRAIN, check=False)
+    assert_clean_error(proc, 'no prepared dataset', 'prepare.py')
+    proc = train(char_dataset, tmp_path / 'empty', '--init_from=resume', check=False)
+    assert_clean_error(proc, 'no complete checkpoint')
+    proc = train(char_dataset, tmp_path / 'x', '--block_size=4096', check=False)
+    assert_clean_error(proc, 'too few for block_size=4096')
+    proc = train(char_dataset, tmp_path / 'x', '--init_from=pretrained', check=False)
+    assert_clean_error(proc, 'init_from')
+
+
+def test_resume_refuses_a_dataset_with_another_tokenizer(char_dataset, tmp_path):
+    out = tmp_path / 'out'
+    train(char_dataset, out, '--max_iters=5', '--eval_interval=5')
+    other = tmp_path / 'other'
+    shutil.copytree(char_dataset, other)
+    meta = json.loads((other / 'meta.json').read_text())
+    meta['tokenizer']['chars'] = meta['tokenizer']['chars'][::-1]
+    (other / 'meta.json').write_text(json.dumps(meta))
+    proc = train(other, out, '--init_from=resume', '--max_iters=10', check=False)
+    assert_clean_error(proc, 'another tokenizer')
