@@ -107,3 +107,23 @@ def test_resume_refuses_a_dataset_with_another_tokenizer(char_dataset, tmp_path)
     (other / 'meta.json').write_text(json.dumps(meta))
     proc = train(other, out, '--init_from=resume', '--max_iters=10', check=False)
     assert_clean_error(proc, 'another tokenizer')
+
+
+def test_prepare_without_network_or_input_says_how_to_supply_the_text(tmp_path):
+    # an unreachable proxy makes the download fail at once, as it does offline
+    proxy = {'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
+    proc = run('data/shakespeare_char/prepare.py', f'--out_dir={tmp_path}', check=False, env=proxy)
+    assert_clean_error(proc, 'cannot download', f'{tmp_path}/input.txt', '--input=PATH')
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_prepare_rejects_empty_and_non_utf8_text(tmp_path):
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('')
+    assert_clean_error(run('data/shakespeare_char/prepare.py', f'--input={empty}', f'--out_dir={tmp_path}/a', check=False), 'empty')
+    latin1 = tmp_path / 'latin1.txt'
+    latin1.write_bytes('first line\nol\u00e1 mundo\n'.encode('latin-1'))
+    proc = run('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', check=False)
+    assert_clean_error(proc, 'not UTF-8', 'line 2', '--encoding_errors=replace')
+    run('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', '--encoding_errors=replace')
+    assert '\ufffd' in load_meta(tmp_path / 'b')['tokenizer']['chars']

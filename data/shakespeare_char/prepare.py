@@ -25,7 +25,7 @@ os.makedirs(out_dir, exist_ok=True)
 
 t0 = time.time()
 try:
-    text = read_text(input, url, os.path.join(HERE, 'input.txt'), encoding_errors)
+    text = read_text(input, url, os.path.join(out_dir, 'input.txt'), encoding_errors)
 except DatasetError as e:
     fail(e)
 if not text:
