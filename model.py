@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from muon import MuonWithAdamW, muon_param_groups
+
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'relu2', 'silu', 'swiglu')
 POSITIONS = ('learned', 'rotary')
 NORMS = ('layernorm', 'rmsnorm')
@@ -277,7 +279,17 @@ class GPT(nn.Module):
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
+                             muon_lr=0.02, muon_momentum=0.95):
+        """optimizer='adamw': AdamW everywhere. 'muon': Muon (at muon_lr) for the blocks' weight matrices,
+        AdamW (at learning_rate) for embeddings, head, gains and biases. Every param group keeps its
+        'initial_lr', which the trainer's schedule scales."""
+        if optimizer == 'muon':
+            groups = muon_param_groups(self.named_parameters(), muon_lr, learning_rate, weight_decay, betas,
+                                       muon_momentum)
+            return MuonWithAdamW(groups)
+        if optimizer != 'adamw':
+            raise ValueError(f"optimizer={optimizer!r} is not one of adamw, muon")
         # weight decay on matrices (Linear weights, embeddings) only: biases and norm gains stay free
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
@@ -294,7 +306,10 @@ class GPT(nn.Module):
         """Training FLOPs per token, from the PaLM paper's appendix B (https://arxiv.org/abs/2204.02311)."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        return 6 * self.get_num_params() + 12 * L * H * Q * T
+        N = self.get_num_params()
+        if not cfg.tie_weights:
+            N -= self.transformer.wte.weight.numel()  # an untied embedding is a lookup, not a matmul
+        return 6 * N + 12 * L * H * Q * T
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s as a fraction of the device's peak."""

@@ -235,7 +235,9 @@ if compile:
         print('compiling the model... (takes a ~minute)')
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+    # no buffer broadcasts: the only buffers (rotary tables) are constants, and a broadcast in the master's
+    # evaluation forward would meet no partner in the other processes (gloo aborts, NCCL hangs)
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 
 
 @torch.no_grad()
