@@ -83,6 +83,20 @@ def open_split(folder, split, meta):
     return np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
 
 
+def dataset_dir(name):
+    """The folder of a dataset setting: a folder under data/, or else a path to a prepared folder."""
+    under_data = os.path.join('data', name)
+    return name if os.path.isdir(name) and not os.path.isdir(under_data) else under_data
+
+
+def sample_windows(data, block_size, batch_size, rng):
+    """batch_size windows of block_size + 1 consecutive tokens at random offsets of data, as an int64
+    (batch_size, block_size + 1) array: inputs are [:, :-1], their next tokens [:, 1:]. Training and
+    eval.py both draw through here, so the same rng state gives the same batches."""
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    return data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+
+
 def read_text(input_path, url, cache_path, encoding_errors='strict'):
     """The corpus text: from input_path if given, else from cache_path, downloading url there first.
     Without a network, say how to supply the file instead."""

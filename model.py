@@ -320,20 +320,39 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 num_beams=1, length_penalty=1.0, eot_id=None, use_cache=True):
         """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-        temperature 0 is greedy."""
-        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+        temperature 0 is greedy; top_k / top_p keep the k likeliest tokens / the smallest set holding
+        probability top_p; repetition_penalty > 1 discourages tokens already in the row; num_beams > 1 is
+        beam search (best length-normalised log-probability, see generate.beam_search). With eot_id, a row
+        that produces it is finished: it is padded with eot_id, and generation stops once all rows are.
+        Stop strings are text: generate.generate_text handles them."""
+        from generate import beam_search, check_controls, generate_tokens  # generate.py builds on Decoder below
+        check_controls(temperature, top_k, top_p, repetition_penalty, num_beams, length_penalty, max_new_tokens)
+        if num_beams > 1:
+            rows = [beam_search(self, idx[[b]], max_new_tokens, num_beams, length_penalty, repetition_penalty,
+                                eot_id, use_cache)[0][1] for b in range(idx.size(0))]
+            n = max(len(r) for r in rows)
+            pad = eot_id if eot_id is not None else 0
+            new = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long, device=idx.device)
+            return torch.cat((idx, new.view(idx.size(0), n)), dim=1)
+        steps, finished = [], torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for token in generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, use_cache):
+            if eot_id is not None:
+                token = token.masked_fill(finished, eot_id)
+                finished |= token == eot_id
+            steps.append(token)
+            if eot_id is not None and finished.all():
+                break
+        return torch.cat([idx] + [t[:, None] for t in steps], dim=1)
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                        use_cache=True):
         """Yield the next token of every row, (B,), one step at a time, for streaming."""
-        decoder = Decoder(self, idx, use_cache)
-        for _ in range(max_new_tokens):
-            token = sample_token(decoder.next_logits(), temperature, top_k)
-            decoder.append(token)
-            yield token
+        from generate import generate_tokens
+        yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, use_cache)
 
 
 class Decoder:
@@ -376,14 +395,3 @@ class Decoder:
         if self.cache is not None:
             self.cache.reorder(batch_indices)
 
-
-def sample_token(logits, temperature=1.0, top_k=None):
-    """Pick the next token of each row from (B, vocab) logits. temperature 0 means greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float('Inf')
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)[:, 0]

@@ -11,6 +11,7 @@ Distributed data parallel on 4 GPUs of one node, or on 2 nodes of 8 GPUs each:
 
 `python train.py --help` lists every setting.
 """
+import dataclasses
 import math
 import os
 import sys
@@ -24,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, load_model, load_training_state, read_checkpoint, save_checkpoint
 from configurator import configure, fail
-from dataset import DatasetError, load_meta, open_split
+from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
+from hf_gpt2 import GPT2_NAMES, HFError, load_gpt2, tokenizer_name, tokenizers_match
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -36,7 +38,7 @@ log_interval = 1  # print a log line every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
-init_from = 'scratch'  # 'scratch' or 'resume' (from the checkpoint in out_dir)
+init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder
 target_val_loss = 0.0  # stop once an evaluation's val loss is <= this (a speedrun's finish line); 0 runs all max_iters
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
@@ -105,8 +107,8 @@ def resolve_dtype(name, device_type):
     return 'float32'
 
 
-if init_from not in ('scratch', 'resume'):
-    fail(f"init_from={init_from!r}: use 'scratch' or 'resume'")
+if init_from not in ('scratch', 'resume') and init_from not in GPT2_NAMES and not os.path.isdir(init_from):
+    fail(f"init_from={init_from!r}: use 'scratch', 'resume', {', '.join(GPT2_NAMES)} or a Hugging Face GPT-2 folder")
 if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
 if compile not in (None, True, False):
@@ -151,7 +153,7 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 compile = device_type == 'cuda' if compile is None else compile
 
 # data: token memmaps and the tokenizer that made them
-data_dir = dataset if os.path.isdir(dataset) and not os.path.isdir(os.path.join('data', dataset)) else os.path.join('data', dataset)
+data_dir = dataset_dir(dataset)
 try:
     meta = load_meta(data_dir)
     split_lengths = {split: len(open_split(data_dir, split, meta)) for split in ('train', 'val')}
@@ -168,8 +170,7 @@ data_rng = np.random.default_rng(seed + seed_offset)
 def get_batch(split, rng):
     # a fresh memmap per batch avoids a memory leak, https://stackoverflow.com/questions/45132940
     data = open_split(data_dir, split, meta)
-    ix = rng.integers(0, len(data) - block_size, size=batch_size)
-    rows = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    rows = torch.from_numpy(sample_windows(data, block_size, batch_size, rng))
     x, y = rows[:, :-1], rows[:, 1:]
     if device_type == 'cuda':
         # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
@@ -193,6 +194,23 @@ if init_from == 'scratch':
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
         fail(e)
+elif init_from != 'resume':
+    if master_process:
+        print(f'Initializing from the GPT-2 weights of {init_from}')
+    try:
+        model, model_tokenizer = load_gpt2(init_from, dropout=dropout)
+    except HFError as e:
+        fail(e)
+    if model_tokenizer is not None and not tokenizers_match(model_tokenizer, meta['tokenizer']):
+        fail(f"the dataset {data_dir} was tokenized with another tokenizer than {init_from}'s "
+             f"({tokenizer_name(model_tokenizer)}): prepare the dataset with that tokenizer")
+    if meta['vocab_size'] > model.config.vocab_size:
+        fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
+    if block_size > model.config.block_size:
+        fail(f"block_size={block_size} is larger than {init_from}'s context of {model.config.block_size}: use --block_size={model.config.block_size} or less")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    model_args = dataclasses.asdict(model.config)
 else:
     if master_process:
         print(f'Resuming training from {out_dir}')
@@ -307,7 +325,7 @@ while True:
         param_group['lr'] = param_group['initial_lr'] * lr_factor
 
     # evaluate the loss on train/val sets and write checkpoints (not again right after a resume)
-    evaluate = (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from == 'scratch')
+    evaluate = (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != 'resume')
     reached_target = False
     if evaluate and master_process:
         losses = estimate_loss()

@@ -31,6 +31,21 @@ def run(script, *args, check=True, env=None, timeout=600):
     return proc
 
 
+def run_all(commands, at_once=2):
+    """Run several (script, *args) commands, at_once at a time: scripts that fail early are mostly start-up
+    time, which overlaps well. Returns their CompletedProcess, in order."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    results = []
+    for i in range(0, len(commands), at_once):
+        procs = [subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for script, *args in commands[i:i + at_once]]
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=600)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return results
+
+
 def assert_clean_error(proc, *fragments):
     """A bad input ends with a non-zero exit and a short message, never a traceback."""
     assert proc.returncode != 0, proc.stdout
@@ -53,3 +68,14 @@ def char_dataset(tmp_path_factory):
     text_file.write_text(TINY_TEXT, encoding='utf-8')
     run('data/shakespeare_char/prepare.py', f'--input={text_file}', f'--out_dir={folder}')
     return folder
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and test machines are shared: use with
+    pytestmark = pytest.mark.usefixtures('one_torch_thread')."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

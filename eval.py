@@ -1,0 +1,214 @@
+"""
+Evaluate models: loss, perplexity and bits per byte, on a prepared dataset's split or on any text file.
+Several models are compared side by side in one table.
+
+    python eval.py --out_dir=out-shakespeare-char                      # its own dataset's val.bin
+    python eval.py --out_dir=out-shakespeare-char,out-other --text=sonnets.txt
+    python eval.py --init_from=gpt2 --dataset=shakespeare              # GPT-2 itself, no checkpoint needed
+    python eval.py --out_dir=out-shakespeare,gpt2 --dataset=shakespeare  # a fine-tune against its base
+    python eval.py --out_dir=out-shakespeare-char --train_batches=True  # exactly the val loss train.py printed
+
+By default every token of the split (or file) is scored once: the tokens are cut into consecutive windows
+of block_size, so a token is predicted from the earlier tokens of its window. train_batches=True instead
+draws eval_iters random batches the way train.py's evaluation does (same seed, batch_size and
+block_size), which reproduces the loss it reported for the checkpoint. Bits per byte divide the loss by
+the UTF-8 bytes the scored tokens decode to, so models with different tokenizers compare fairly (for the
+'word' kind, which drops spaces, the bytes are those of its decoded text).
+"""
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint
+from configurator import configure, fail
+from dataset import DatasetError, dataset_dir, decode_utf8, load_meta, open_split, sample_windows
+from generate import load_inference_model, resolve_device, resolve_dtype
+from hf_gpt2 import GPT2_NAMES, HFError, tokenizers_match
+from tokenizer import TokenizerError, load_tokenizer
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (the checkpoints in out_dir), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder; comma-separated for several
+out_dir = 'out'  # checkpoint folder; several, comma-separated, go side by side in one table (GPT-2 names and Hugging Face folders too)
+dataset = ''  # a prepared dataset (folder under data/ or a path); '' is the dataset each checkpoint was trained on
+split = 'val'  # the dataset's split: 'val' or 'train'
+text = ''  # a UTF-8 text file to evaluate on instead of a dataset
+batch_size = 8  # windows per forward pass
+block_size = 0  # tokens per window; 0 is each model's block_size
+max_tokens = 0  # score only the first max_tokens tokens; 0 scores them all
+train_batches = False  # draw random batches exactly as train.py's evaluation does (its seed, batch_size, block_size)
+eval_iters = 0  # with train_batches: batches to draw; 0 is the checkpoint's eval_iters
+drop_unknown = False  # drop text characters the vocabulary lacks instead of stopping with an error
+progress = True  # a progress bar per model (on stderr)
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
+# -----------------------------------------------------------------------------
+configure(globals())
+
+if split not in ('train', 'val'):
+    fail(f"split={split!r}: use 'val' or 'train'")
+if text and dataset:
+    fail('pass either --text or --dataset, not both')
+if text and train_batches:
+    fail('train_batches draws from a dataset split: it cannot be combined with --text')
+if batch_size < 1 or block_size < 0 or max_tokens < 0 or eval_iters < 0:
+    fail('batch_size must be at least 1; block_size, max_tokens and eval_iters must not be negative')
+if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+device = resolve_device(device)
+dtype = resolve_dtype(dtype, device)
+device_type = device.split(':')[0]
+# the same precision handling as train.py, so train_batches reproduces its numbers on the same device
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+entries = [e.strip() for e in (out_dir if init_from == 'resume' else init_from).split(',') if e.strip()]
+if not entries:
+    fail('no model given: pass --out_dir=FOLDER or --init_from=gpt2')
+
+
+def is_hf(entry):
+    return entry in GPT2_NAMES or (os.path.isdir(entry) and not os.path.exists(os.path.join(entry, CHECKPOINT_NAME))
+                                   and os.path.exists(os.path.join(entry, 'config.json')))
+
+
+if not text and not dataset:
+    for entry in entries:
+        if is_hf(entry):
+            fail(f'{entry} was not trained here, so it has no dataset of its own: pass --dataset=NAME or --text=FILE')
+
+
+def load(entry):
+    """(model, tokenizer, the checkpoint's JSON or None) of one table entry."""
+    hf = is_hf(entry)
+    try:
+        model, description = load_inference_model(entry, device=device) if hf else load_inference_model('resume', entry, device)
+        ckpt = None if hf else read_checkpoint(entry)
+    except (CheckpointError, HFError) as e:
+        fail(e)
+    if description is None:
+        fail(f'{entry} has no tokenizer (no tokenizer files beside its weights): cannot read text for it')
+    try:
+        return model.eval(), load_tokenizer(description), ckpt
+    except TokenizerError as e:
+        fail(e)
+
+
+def text_tokens(tokenizer):
+    """The text file's token ids and their UTF-8 bytes."""
+    if not os.path.isfile(text):
+        fail(f'text file {text} not found')
+    with open(text, 'rb') as f:
+        try:
+            content = decode_utf8(f.read(), text)
+        except DatasetError as e:
+            fail(e)
+    try:
+        ids = tokenizer.encode(tokenizer.drop_unknown(content) if drop_unknown else content)
+    except TokenizerError as e:
+        fail(f'{text}: {e}')
+    return np.array(ids, dtype=np.int64)
+
+
+def split_tokens(entry, tokenizer, ckpt):
+    """The dataset split's token ids (a memmap), its folder and meta."""
+    name = dataset or (ckpt['config'].get('dataset') if ckpt else None)
+    if not name:
+        fail(f'{entry} was not trained here, so it has no dataset of its own: pass --dataset=NAME or --text=FILE')
+    folder = dataset_dir(name)
+    try:
+        meta = load_meta(folder)
+        data = open_split(folder, split, meta)
+    except DatasetError as e:
+        fail(e)
+    if not tokenizers_match(tokenizer.describe(), meta['tokenizer']):
+        fail(f'{folder} was tokenized with another tokenizer than {entry} uses: evaluate it on a dataset prepared with its tokenizer')
+    return data, folder, meta
+
+
+@torch.no_grad()
+def full_pass(model, ids, block, name):
+    """Sum of the losses (nats) of predicting ids[1:], in consecutive windows of block tokens, and their count."""
+    n_targets = len(ids) - 1
+    starts = list(range(0, n_targets, block))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_targets, unit='tok', desc=name, leave=False, file=sys.stderr, dynamic_ncols=True)
+    total = 0.0
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        T = min(block, n_targets - chunk[0])  # only the last window of all can be shorter
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        y = torch.full((len(chunk), T), -1, dtype=torch.long)  # -1: a padded position, ignored by the loss
+        for row, s in enumerate(chunk):
+            window = torch.from_numpy(np.asarray(ids[s:s + T + 1], dtype=np.int64))
+            x[row, :len(window) - 1], y[row, :len(window) - 1] = window[:-1], window[1:]
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))
+        count = int((y >= 0).sum())
+        total += loss.item() * count
+        if bar is not None:
+            bar.update(count)
+    if bar is not None:
+        bar.close()
+    return total, n_targets
+
+
+@torch.no_grad()
+def like_train(model, folder, meta, cfg, name):
+    """The mean loss of train.py's estimate_loss() for this split: same seed, batches and averaging."""
+    iters = eval_iters or cfg['eval_iters']
+    rng = np.random.default_rng([cfg['seed'], 0, 1 if split == 'val' else 0])
+    losses = torch.zeros(iters)
+    batches = range(iters)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc=name, leave=False, file=sys.stderr, dynamic_ncols=True)
+    for k in batches:
+        rows = torch.from_numpy(sample_windows(open_split(folder, split, meta), cfg['block_size'], cfg['batch_size'], rng))
+        with ctx:
+            _, loss = model(rows[:, :-1].contiguous().to(device), rows[:, 1:].contiguous().to(device))
+        losses[k] = loss.item()
+    return losses.mean().item(), iters * cfg['batch_size'] * cfg['block_size']
+
+
+rows = []
+for entry in entries:
+    model, tokenizer, ckpt = load(entry)
+    if text:
+        source = text
+        ids = text_tokens(tokenizer)
+    else:
+        ids, folder, meta = split_tokens(entry, tokenizer, ckpt)
+        source = f'{folder} {split}'
+    if max_tokens:
+        ids = ids[:max_tokens + 1]
+    if len(ids) < 2:
+        fail(f'{source} holds {len(ids)} token(s) for {entry}: nothing to predict')
+    if int(ids.max()) >= model.config.vocab_size:
+        fail(f'{source} holds token id {int(ids.max())}, outside the vocabulary of {entry} ({model.config.vocab_size})')
+    if train_batches:
+        if ckpt is None:
+            fail(f'{entry} was not trained by train.py: train_batches needs its training config')
+        cfg = ckpt['config']
+        loss, n = like_train(model, folder, meta, cfg, entry)
+        bpt = meta.get('bytes_per_token')  # the figure train.py divides by
+        bpb = loss / math.log(2) / bpt if bpt else float('nan')
+    else:
+        block = min(block_size or model.config.block_size, model.config.block_size)
+        total, n = full_pass(model, ids, block, entry)
+        loss = total / n
+        scored_bytes = len(tokenizer.decode(np.asarray(ids[1:], dtype=np.int64)).encode('utf-8'))
+        bpb = total / math.log(2) / scored_bytes
+    rows.append((entry, source, n, loss, math.exp(loss), bpb))
+    del model
+
+headers = ('model', 'data', 'tokens', 'loss', 'perplexity', 'bits/byte')
+cells = [headers] + [(e, s, f'{n:,}', f'{loss:.4f}', f'{ppl:.3f}', f'{bpb:.4f}') for e, s, n, loss, ppl, bpb in rows]
+widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+for row in cells:
+    print('  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))

@@ -1,0 +1,51 @@
+"""
+Export a checkpoint of GPT-2 architecture as a Hugging Face model folder: config.json, model.safetensors
+and the tokenizer's files, where its kind has them (char, bpe, tiktoken and hf do; word does not).
+
+    python export_hf.py --out_dir=out-shakespeare --hf_dir=gpt2-shakespeare
+    python -c "from transformers import pipeline; print(pipeline('text-generation', model='gpt2-shakespeare')('ROMEO:', do_sample=False))"
+
+The folder then loads with transformers.GPT2LMHeadModel / AutoModelForCausalLM, can be pushed to the hub
+(huggingface-cli upload NAME gpt2-shakespeare), and loads back here with --init_from=gpt2-shakespeare.
+After writing, the folder is loaded with transformers and its logits compared with ours.
+"""
+import os
+
+import torch
+
+from checkpoint import CheckpointError, load_model
+from configurator import configure, fail
+from hf_gpt2 import HFError, export_gpt2, quiet_transformers
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the checkpoint to export
+hf_dir = ''  # the folder to write; '' is out_dir + '-hf'
+verify = True  # load the written folder with transformers and check that it computes our logits
+# -----------------------------------------------------------------------------
+configure(globals())
+
+hf_dir = hf_dir or os.path.normpath(out_dir) + '-hf'
+if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+    fail(f'{hf_dir} already exists and is not an empty folder: choose another --hf_dir or remove it')
+try:
+    model, ckpt = load_model(out_dir)
+    notes = export_gpt2(model.eval(), ckpt.get('tokenizer'), hf_dir)
+except (CheckpointError, HFError) as e:
+    fail(e)
+for note in notes:
+    print(f'note: {note}')
+print(f'wrote {hf_dir}: {", ".join(sorted(os.listdir(hf_dir)))}')
+
+if verify:
+    from transformers import GPT2LMHeadModel
+    with quiet_transformers():
+        hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    vocab = hf_model.config.vocab_size
+    idx = torch.randint(0, vocab, (2, min(64, model.config.block_size)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx)[0][..., :vocab]
+        theirs = hf_model(idx).logits
+    diff = (ours - theirs).abs().max().item()
+    if diff > 1e-4 * max(1.0, ours.abs().max().item()):
+        fail(f'the exported model computes different logits (max difference {diff:.2e}): please report this')
+    print(f'verified: transformers computes the same logits (max difference {diff:.1e})')

@@ -1,0 +1,304 @@
+"""
+GPT-2 weights from and to Hugging Face transformers.
+
+    load_gpt2('gpt2')             OpenAI's GPT-2 124M (or gpt2-medium, gpt2-large, gpt2-xl), fetched by transformers
+    load_gpt2('path/to/folder')   any local GPT-2-architecture folder (config.json + weights), e.g. ruGPT-3
+    export_gpt2(model, tokenizer_description, 'folder')   the reverse: a folder that
+                                  transformers.pipeline('text-generation', model='folder') runs as is
+
+Our parameter names are GPT-2's, but GPT-2 (and so Hugging Face) keeps its attention and MLP weights in
+Conv1D layers, which store the transpose of an nn.Linear's weight. A config we cannot represent exactly
+(another activation, another LayerNorm epsilon, ...) is refused rather than approximated.
+"""
+import base64
+import contextlib
+import json
+import os
+import tempfile
+
+import torch
+
+from model import GPT, GPTConfig
+
+# the short names resolve to OpenAI's checkpoints on the Hugging Face hub
+GPT2_NAMES = {'gpt2': 'openai-community/gpt2', 'gpt2-medium': 'openai-community/gpt2-medium',
+              'gpt2-large': 'openai-community/gpt2-large', 'gpt2-xl': 'openai-community/gpt2-xl'}
+ACTIVATION_FROM_HF = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_python_tanh': 'gelu_tanh',
+                      'gelu': 'gelu', 'gelu_python': 'gelu', 'relu': 'relu', 'relu2': 'relu2',
+                      'silu': 'silu', 'swish': 'silu'}
+ACTIVATION_TO_HF = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'relu2': 'relu2', 'silu': 'silu'}
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# our tokenizer's description, written beside the weights, so a folder we exported loads back exactly
+TOKENIZER_FILE = 'nanogpt_tokenizer.json'
+EPS = 1e-5  # model.Norm's epsilon
+
+
+class HFError(Exception):
+    """A Hugging Face model that cannot be loaded or a model that cannot be exported; one-line message."""
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars and warnings while we call it: we check what it loads ourselves
+    (e.g. it warns about GPT2Config's default token ids even when they are overridden)."""
+    from transformers.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def config_from_hf(hf, source, dropout=0.0):
+    """Our GPTConfig for a transformers GPT2Config, or HFError naming the setting we cannot represent."""
+    problems = []
+    if hf.activation_function not in ACTIVATION_FROM_HF:
+        problems.append(f'activation_function={hf.activation_function!r}')
+    if abs(hf.layer_norm_epsilon - EPS) > 1e-12:
+        problems.append(f'layer_norm_epsilon={hf.layer_norm_epsilon} (ours is {EPS})')
+    if hf.n_inner not in (None, 4 * hf.n_embd):
+        problems.append(f'n_inner={hf.n_inner} (ours is 4 * n_embd)')
+    if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx:
+        problems.append('a non-standard attention scaling')
+    if getattr(hf, 'add_cross_attention', False):
+        problems.append('cross-attention')
+    if problems:
+        raise HFError(f"{source}: cannot represent {', '.join(problems)} in this GPT exactly")
+    try:
+        return GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
+                         n_embd=hf.n_embd, dropout=dropout, bias=True,
+                         activation=ACTIVATION_FROM_HF[hf.activation_function],
+                         tie_weights=bool(getattr(hf, 'tie_word_embeddings', True)))
+    except ValueError as e:
+        raise HFError(f'{source}: {e}') from None
+
+
+def _read_hf_config(name):
+    """The transformers config of a GPT-2 name or folder; HFError for anything that is not GPT-2."""
+    source = GPT2_NAMES.get(name, name)
+    if name not in GPT2_NAMES:
+        if not os.path.isdir(name):
+            raise HFError(f"init_from={name!r} is neither a GPT-2 name ({', '.join(GPT2_NAMES)}) nor a folder")
+        path = os.path.join(name, 'config.json')
+        if not os.path.exists(path):
+            raise HFError(f'{name} holds neither a checkpoint (checkpoint.json) nor a Hugging Face model (config.json)')
+        try:
+            with open(path, encoding='utf-8') as f:
+                model_type = json.load(f).get('model_type')
+        except (OSError, ValueError) as e:
+            raise HFError(f'cannot read {path}: {_first_line(e)}') from None
+        if model_type != 'gpt2':
+            raise HFError(f"{name} holds a {model_type or 'unknown'} model, not GPT-2: only GPT-2-architecture "
+                          f"folders (model_type 'gpt2' in config.json) can be loaded")
+    from transformers import AutoConfig  # only now: importing transformers takes seconds
+    try:
+        return AutoConfig.from_pretrained(source), source
+    except Exception as e:  # OSError without network, ValueError, ...: all mean the same here
+        raise HFError(f'cannot load the config of {source}: {_first_line(e).rstrip(".")}; GPT-2 weights are downloaded on '
+                      f'first use: connect once, or pass a local folder') from None
+
+
+def tokenizer_of(name):
+    """The tokenizer description that goes with GPT-2 weights: tiktoken's 'gpt2' for OpenAI's, for a
+    folder the description we exported with it, else its Hugging Face tokenizer files; None if it has none."""
+    if name in GPT2_NAMES:
+        return {'kind': 'tiktoken', 'name': 'gpt2'}
+    folder = os.path.abspath(name)
+    saved = os.path.join(folder, TOKENIZER_FILE)
+    if os.path.exists(saved):
+        with open(saved, encoding='utf-8') as f:
+            description = json.load(f)
+        if description.get('kind') == 'hf':  # the tokenizer files travel with the folder
+            description['name'] = folder
+        return description
+    files = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
+    if any(os.path.exists(os.path.join(folder, f)) for f in files):
+        return {'kind': 'hf', 'name': folder}
+    return None
+
+
+def state_from_hf(hf_state):
+    """transformers GPT2LMHeadModel weights -> ours (same names; Conv1D weights transposed)."""
+    state = {}
+    for key, value in hf_state.items():
+        if key.endswith(('.attn.bias', '.attn.masked_bias')):
+            continue  # causal-mask buffers of older transformers versions, not weights
+        state[key] = value.t().contiguous() if key.endswith(CONV1D) else value
+    return state
+
+
+def load_gpt2(name, dropout=0.0):
+    """GPT-2 weights as our GPT (float32, eval mode) and their tokenizer's description (or None).
+    name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local folder. Raises HFError."""
+    hf_config, source = _read_hf_config(name)
+    config = config_from_hf(hf_config, name, dropout)
+    from transformers import GPT2LMHeadModel
+    try:
+        with quiet_transformers():
+            hf_model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+    except Exception as e:
+        raise HFError(f'cannot load the weights of {source}: {_first_line(e)}') from None
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state_from_hf(hf_model.state_dict()), strict=False)
+    missing = [k for k in missing if not (k == 'lm_head.weight' and config.tie_weights)]
+    if missing or unexpected:
+        raise HFError(f'{source}: weights do not match a GPT-2 of its config (missing {missing[:3]}, unexpected {unexpected[:3]})')
+    return model.eval(), tokenizer_of(name)
+
+
+def tokenizer_name(description):
+    """A tokenizer description in a few words, for messages: "tiktoken 'gpt2'", "a char tokenizer"."""
+    if description.get('name'):
+        return f"{description['kind']} {description['name']!r}"
+    return f"a {description.get('kind')} tokenizer"
+
+
+def tokenizers_match(a, b):
+    """Whether two tokenizer descriptions encode text alike: equal, or the same vocabulary under two
+    kinds (tiktoken's 'gpt2' and Hugging Face's 'gpt2'), judged on a probe text."""
+    if a == b:
+        return True
+    from tokenizer import TokenizerError, load_tokenizer
+    probe = ("Hello, world! It's 2024: naïve café, Привет мир, 你好世界 \n\n\t  spaces   and "
+             "tabs\ttoo; 1234567 + 0.5 = ? <|endoftext|> </s> 🙂")
+    try:
+        ta, tb = load_tokenizer(a), load_tokenizer(b)
+        return ta.vocab_size == tb.vocab_size and ta.encode(probe) == tb.encode(probe)
+    except TokenizerError:
+        return False
+
+
+# ---------------------------------------------------------------------------- export
+
+def hf_config_for(config, vocab_size, eot_id=None):
+    """A transformers GPT2Config for our GPTConfig, or HFError if GPT-2 cannot express it."""
+    problems = []
+    if config.position != 'learned':
+        problems.append(f'position={config.position!r}')
+    if config.norm != 'layernorm':
+        problems.append(f'norm={config.norm!r}')
+    if config.qk_norm:
+        problems.append('qk_norm=True')
+    if config.activation not in ACTIVATION_TO_HF:
+        problems.append(f'activation={config.activation!r}')
+    if config.logit_softcap:
+        problems.append(f'logit_softcap={config.logit_softcap}')
+    if problems:
+        raise HFError(f"GPT-2 has no {', '.join(problems)}: only GPT-2-architecture checkpoints (learned positions, "
+                      f"LayerNorm, no QK-norm, gelu/gelu_tanh/relu/relu2/silu, no soft-capping) can be exported")
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
+                      activation_function=ACTIVATION_TO_HF[config.activation], resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, layer_norm_epsilon=EPS, tie_word_embeddings=config.tie_weights,
+                      bos_token_id=eot_id, eos_token_id=eot_id)
+
+
+def state_to_hf(model, vocab_size):
+    """Our weights -> transformers GPT2LMHeadModel's: Conv1D weights transposed, the embedding and head cut
+    to vocab_size (the padding rows are no tokens), zeros for the biases a bias=False model lacks."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    for key in ('transformer.wte.weight', 'lm_head.weight'):
+        state[key] = state[key][:vocab_size]
+    if model.config.tie_weights:
+        state['lm_head.weight'] = state['transformer.wte.weight']
+    hf_state = {k: v.t() if k.endswith(CONV1D) else v for k, v in state.items()}
+    if not model.config.bias:  # a LayerNorm or Linear without bias is one with a zero bias
+        for key, value in list(hf_state.items()):
+            if key.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight')):
+                hf_state[key[:-len('weight')] + 'bias'] = torch.zeros_like(value)
+            elif key.endswith(CONV1D):
+                hf_state[key[:-len('weight')] + 'bias'] = torch.zeros(value.size(1))
+    return {k: v.contiguous() for k, v in hf_state.items()}
+
+
+def export_gpt2(model, tokenizer_description, folder):
+    """Write model (a GPT of GPT-2 architecture) as a Hugging Face folder: config.json, model.safetensors,
+    the tokenizer's files where its kind has them, and our tokenizer description (TOKENIZER_FILE).
+    Returns notes for the user (e.g. that a tokenizer could not be exported). Raises HFError."""
+    from transformers import GPT2LMHeadModel
+    from tokenizer import TokenizerError, load_tokenizer
+    tokenizer = None
+    if tokenizer_description is not None:
+        try:
+            tokenizer = load_tokenizer(tokenizer_description)
+        except TokenizerError as e:
+            raise HFError(f'cannot load the checkpoint\'s tokenizer to export it: {e}') from None
+    vocab_size = model.config.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size <= vocab_size:
+        vocab_size = tokenizer.vocab_size
+    with quiet_transformers():
+        hf_config = hf_config_for(model.config, vocab_size, tokenizer.eot_id if tokenizer else None)
+        hf_model = GPT2LMHeadModel(hf_config)
+        missing, unexpected = hf_model.load_state_dict(state_to_hf(model, vocab_size), strict=False)
+        missing = [k for k in missing if not k.endswith(('.attn.bias', '.attn.masked_bias'))]
+        if missing or unexpected:
+            raise HFError(f'internal: weights do not map onto GPT2LMHeadModel (missing {missing[:3]}, unexpected {unexpected[:3]})')
+        os.makedirs(folder, exist_ok=True)
+        hf_model.save_pretrained(folder)  # safetensors
+    notes = []
+    if tokenizer is None:
+        notes.append('the checkpoint records no tokenizer: only the weights and config were exported')
+        return notes
+    hf_tokenizer = _hf_tokenizer(tokenizer, tokenizer_description)
+    if hf_tokenizer is None:
+        notes.append(f"a '{tokenizer.kind}' tokenizer has no Hugging Face equivalent: transformers gets the weights "
+                     f"and config only (this repository's scripts read {TOKENIZER_FILE})")
+    else:
+        hf_tokenizer.save_pretrained(folder)
+    saved = dict(tokenizer_description)
+    if saved.get('kind') == 'hf':
+        saved['name'] = '.'  # its files are in this folder now
+    with open(os.path.join(folder, TOKENIZER_FILE), 'w', encoding='utf-8') as f:
+        json.dump(saved, f, ensure_ascii=False)
+    return notes
+
+
+def _hf_tokenizer(tokenizer, description):
+    """A transformers tokenizer that encodes and decodes like ours, or None where none can."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    # like ours: decode gives the text back as is; '<|endoftext|>' typed in a prompt is text, not the token
+    options = dict(clean_up_tokenization_spaces=False, split_special_tokens=True)
+    kind = description['kind']
+    if kind == 'hf':
+        return AutoTokenizer.from_pretrained(description['name'], **({'gguf_file': description['gguf_file']}
+                                                                      if description.get('gguf_file') else {}))
+    if kind == 'char':
+        # one token per character: split text into single characters, look each up, join them back
+        backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(description['chars'])}, unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')
+        backend.decoder = decoders.Fuse()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **options)
+    if kind == 'bpe':
+        backend = Tokenizer.from_str(description['tokenizer_json'])
+    elif kind == 'tiktoken':
+        import tiktoken
+        backend = tiktoken_backend(tiktoken.get_encoding(description['name']))
+    else:
+        return None  # word: its decoding rules (spaces between tokens, none around newlines) have no equivalent
+    eot = tokenizer.decode([tokenizer.eot_id]) if tokenizer.eot_id is not None else None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, bos_token=eot, **options)
+
+
+def tiktoken_backend(encoding):
+    """A tiktoken Encoding as a Hugging Face `tokenizers` BPE, by transformers' own converter."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    # the converter reads tiktoken's file format (base64 token, rank); tiktoken keeps its ranks and
+    # pattern in private attributes, which transformers' own tiktoken integration reads too
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'ranks.tiktoken')
+        with open(path, 'wb') as f:
+            for token, rank in sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1]):
+                f.write(base64.b64encode(token) + b' ' + str(rank).encode() + b'\n')
+        return TikTokenConverter(vocab_file=path, pattern=encoding._pat_str,
+                                 extra_special_tokens=encoding._special_tokens).converted()

@@ -1,0 +1,158 @@
+"""
+Sample from a trained model, or straight from GPT-2's weights:
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:"
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --num_samples=1 --stop="\\n\\n"
+    python sample.py --init_from=gpt2 --start="The meaning of life is" --top_p=0.9 --max_new_tokens=60
+    python sample.py --init_from=gpt2 --start="The meaning of life is" --num_beams=4 --num_samples=1
+    python sample.py --out_dir=out-shakespeare-char --interactive=True
+
+The first sample streams to the terminal as it is generated; all samples are generated together, as the
+rows of one batch. `python sample.py --help` lists every setting.
+"""
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from checkpoint import CheckpointError
+from configurator import configure, fail
+from generate import check_controls, generate_text, load_inference_model, resolve_device, resolve_dtype
+from hf_gpt2 import HFError
+from tokenizer import TokenizerError, UnknownCharactersError, load_tokenizer
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (the checkpoint in out_dir), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
+out_dir = 'out'  # the checkpoint folder, with init_from='resume'
+start = '\n'  # the prompt; "FILE:prompt.txt" reads it from a file
+num_samples = 10  # samples to draw, generated together as one batch
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
+top_k = 200  # sample only from the top_k most likely tokens; 0 for no limit
+top_p = 1.0  # nucleus sampling: only from the likeliest tokens holding top_p of the probability; 1.0 for all
+repetition_penalty = 1.0  # > 1 discourages tokens already in the text (1.2 is a common choice)
+num_beams = 1  # > 1 for beam search (deterministic; ignores temperature, top_k and top_p)
+length_penalty = 1.0  # beam search ranks beams by log-probability / length ** length_penalty
+stop = ''  # end each sample just before this text, e.g. "\n\n" (escapes \n \t \\ work); several: separate by |
+drop_unknown = False  # drop prompt characters the vocabulary lacks instead of stopping with an error
+interactive = False  # read prompts from the terminal, one per line, until end of input (Ctrl-D)
+progress = False  # show a progress bar (on stderr)
+seed = 1337  # the same seed and settings give the same samples
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
+use_cache = True  # the key/value cache: identical output, much faster
+compile = False  # torch.compile the model (slow to start, rarely worth it for sampling)
+# -----------------------------------------------------------------------------
+configure(globals())
+
+try:
+    check_controls(temperature, top_k or None, top_p, repetition_penalty, num_beams, length_penalty,
+                   max_new_tokens, num_samples)
+except ValueError as e:
+    fail(e)
+if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+
+
+def unescape(text):
+    escapes = {'n': '\n', 't': '\t', 'r': '\r', '\\': '\\', '|': '|'}
+    return re.sub(r'\\([ntr\\|])', lambda m: escapes[m.group(1)], text)
+
+
+# split on the | that are not escaped, then unescape each stop string
+stop_strings = [unescape(s) for s in re.split(r'(?<!\\)\|', stop)] if stop else []
+
+torch.manual_seed(seed)
+device = resolve_device(device)
+dtype = resolve_dtype(dtype, device)
+try:
+    model, tokenizer_description = load_inference_model(init_from, out_dir, device)
+except (CheckpointError, HFError) as e:
+    fail(e)
+if tokenizer_description is None:
+    fail(f'{init_from} has no tokenizer (no tokenizer files beside its weights): sample from a folder that has one')
+try:
+    tokenizer = load_tokenizer(tokenizer_description)
+except TokenizerError as e:
+    fail(e)
+model.eval()
+# mixed precision as in training: float32 weights (and rotary tables), matmuls in bfloat16/float16
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
+if compile:
+    model = torch.compile(model)
+block_size = model.config.block_size
+
+
+def encode_prompt(text):
+    """The prompt's token ids; bad input ends the program with one line."""
+    try:
+        ids = tokenizer.encode(tokenizer.drop_unknown(text) if drop_unknown else text)
+    except UnknownCharactersError as e:
+        fail(e)
+    if tokenizer.kind == 'word' and 0 in ids:  # id 0 is '<unk>': the vocabulary lacks these words
+        words = sorted({w for w in tokenizer.PATTERN.findall(text) if w not in tokenizer.vocab})
+        if not drop_unknown:
+            fail(f"{len(words)} word(s) not in the vocabulary: {', '.join(map(repr, words[:10]))}; "
+                 f"pass --drop_unknown=True to drop them")
+        ids = [i for i in ids if i != 0]
+    too_big = [i for i in ids if i >= model.config.vocab_size]
+    if too_big:
+        fail(f'token id {too_big[0]} of the prompt is outside the model\'s vocabulary of {model.config.vocab_size}: '
+             f'the tokenizer does not belong to this model')
+    if not ids:
+        if tokenizer.eot_id is None:
+            fail('the prompt is empty: pass --start="some text"')
+        ids = [tokenizer.eot_id]  # GPT-2's way to start from nothing: a fresh document
+    if len(ids) > block_size:
+        print(f'note: the prompt has {len(ids)} tokens, more than the model\'s block_size of {block_size}: '
+              f'only its last {block_size} are used', file=sys.stderr)
+    return ids
+
+
+def run(prompt_text):
+    ids = encode_prompt(prompt_text)
+    shown = tokenizer.decode(ids) if ids != [tokenizer.eot_id] else ''
+
+    def stream(row, text):
+        if row == 0:
+            print(text, end='', flush=True)
+
+    t0 = time.time()
+    print(shown, end='', flush=True)
+    with ctx:
+        completions = generate_text(model, tokenizer, ids, num_samples, max_new_tokens, temperature, top_k or None,
+                                    top_p, repetition_penalty, num_beams, length_penalty, stop_strings, use_cache,
+                                    on_text=stream, progress=progress)
+    print('\n---------------')
+    for completion in completions[1:]:
+        print(shown + completion)
+        print('---------------')
+    if progress:
+        print(f'{num_samples} x {max_new_tokens} tokens in {time.time() - t0:.1f}s', file=sys.stderr)
+
+
+if start.startswith('FILE:'):
+    path = start[5:]
+    if not os.path.isfile(path):
+        fail(f'prompt file {path} not found')
+    with open(path, encoding='utf-8') as f:
+        start = f.read()
+
+if interactive:
+    print('type a prompt and press Enter; end with Ctrl-D', file=sys.stderr)
+    while True:
+        print('> ', end='', file=sys.stderr, flush=True)  # on stderr: stdout holds only the samples
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ''
+        if not line:  # end of input
+            print(file=sys.stderr)
+            break
+        run(unescape(line.rstrip('\n')))
+else:
+    run(start)

@@ -1,0 +1,264 @@
+"""Decoding: the KV cache against plain forward passes (also past block_size), each sampling control
+against what it promises, beam search against greedy and against exhaustive scoring, and text-level
+stop strings / end-of-text / streaming."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from generate import (beam_search, check_controls, filter_top_k, filter_top_p, generate_text, generate_tokens,
+                      greedy_hypothesis, penalise_repetition, sample_token, sequence_score)
+from model import GPT, GPTConfig, Decoder
+from tokenizer import make_tokenizer
+
+BLOCK = 16
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
+
+
+def tiny_gpt(seed=0, vocab_size=48, **overrides):
+    torch.manual_seed(seed)
+    args = dict(block_size=BLOCK, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0, tie_weights=False)
+    model = GPT(GPTConfig(**{**args, **overrides})).eval()
+    with torch.no_grad():  # sharper distributions than the 0.02 init: no near-ties for argmax to trip on
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def window_start(length, start):
+    """The documented window rule (model.Decoder): past block_size, jump to the newest half block."""
+    return length - BLOCK // 2 if length - start > BLOCK else start
+
+
+@pytest.mark.parametrize('overrides', [dict(), dict(position='rotary', norm='rmsnorm', qk_norm=True, bias=False)],
+                         ids=['gpt2', 'rotary'])
+@pytest.mark.parametrize('prompt_len', [3, 40], ids=['short_prompt', 'prompt_longer_than_block'])
+def test_cache_logits_equal_no_cache_and_plain_forward_past_block_size(overrides, prompt_len):
+    model = tiny_gpt(**overrides)
+    prompt = torch.randint(0, 48, (2, prompt_len), generator=torch.Generator().manual_seed(1))
+    cached, plain = Decoder(model, prompt, use_cache=True), Decoder(model, prompt, use_cache=False)
+    start = max(0, prompt_len - BLOCK)
+    seq = prompt
+    for step in range(3 * BLOCK):  # several window jumps
+        start = window_start(seq.size(1), start)
+        reference = model(seq[:, start:])[0][:, -1].float()  # one plain forward over the same window
+        a, b = cached.next_logits(), plain.next_logits()
+        torch.testing.assert_close(a, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, reference, atol=1e-5, rtol=1e-5)
+        token = a.argmax(-1)
+        cached.append(token), plain.append(token)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+    # and the public API gives identical greedy tokens both ways, and the ones the reference chose
+    with_cache = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=True)
+    without = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert torch.equal(with_cache, seq)
+
+
+def test_rows_of_a_batch_are_independent():
+    model = tiny_gpt()
+    prompts = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(2))
+    together = model.generate(prompts, 30, temperature=0)
+    for row in range(3):
+        assert torch.equal(together[row], model.generate(prompts[[row]], 30, temperature=0)[0])
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 48, (4, 3), generator=torch.Generator().manual_seed(3))
+    greedy = model.generate(prompt, 40, temperature=0)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(prompt, 40, temperature=1.5, top_k=1), greedy)
+    assert torch.equal(model.generate(prompt, 40, temperature=1.5, top_p=1e-6), greedy)
+    sampled = model.generate(prompt, 40, temperature=1.5)
+    assert not torch.equal(sampled, greedy)  # the comparison above is not vacuous
+
+
+def frequencies(logits, n=40000, **controls):
+    torch.manual_seed(0)
+    tokens = sample_token(logits.repeat(n, 1), **controls)
+    return torch.bincount(tokens, minlength=logits.size(-1)).float() / n
+
+
+def test_temperature_scales_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    for temperature in (0.5, 1.0, 2.0):
+        expected = F.softmax(logits[0] / temperature, dim=-1)
+        assert (frequencies(logits, temperature=temperature) - expected).abs().max() < 0.01
+
+
+def test_top_k_keeps_the_k_likeliest_renormalised():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    kept = filter_top_k(logits, 2)
+    assert torch.isinf(kept[0, [2, 3, 4]]).all() and torch.equal(kept[0, :2], logits[0, :2])
+    expected = torch.zeros(5)
+    expected[:2] = F.softmax(logits[0, :2], dim=-1)
+    assert (frequencies(logits, top_k=2) - expected).abs().max() < 0.01
+
+
+def test_top_p_keeps_only_the_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log()[None]
+    # the smallest set of likeliest tokens whose probability reaches top_p
+    for top_p, nucleus in ((0.3, {1}), (0.5, {1}), (0.51, {1, 3}), (0.8, {1, 3}), (0.81, {1, 3, 2}),
+                           (0.96, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})):
+        kept = filter_top_p(logits, top_p)
+        assert set(torch.nonzero(torch.isfinite(kept[0])).flatten().tolist()) == nucleus, top_p
+    expected = torch.tensor([0.0, 0.5, 0.0, 0.3]) / 0.8
+    assert (frequencies(logits, top_p=0.8) - expected).abs().max() < 0.01
+
+
+def test_repetition_penalty_lowers_seen_tokens_only():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0]])
+    seen = torch.tensor([[0, 1, 1]])
+    out = penalise_repetition(logits, seen, 2.0)
+    assert out[0, 0] == 1.0 and out[0, 1] == -2.0  # positive divided, negative multiplied: both lower
+    assert torch.equal(out[0, 2:], logits[0, 2:])
+    assert torch.equal(penalise_repetition(logits, seen, 1.0), logits)
+    # generation applies it to every token of the row so far, prompt included
+    model = tiny_gpt()
+    prompt = torch.randint(0, 48, (1, 4), generator=torch.Generator().manual_seed(4))
+    seq = prompt
+    for _ in range(BLOCK - 4):
+        logits = model(seq)[0][:, -1].float()
+        seq = torch.cat([seq, penalise_repetition(logits, seq, 1.8).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(prompt, BLOCK - 4, temperature=0, repetition_penalty=1.8), seq)
+    assert not torch.equal(model.generate(prompt, BLOCK - 4, temperature=0), seq)
+
+
+def test_one_beam_is_greedy():
+    model = tiny_gpt()
+    for seed in range(3):
+        prompt = torch.randint(0, 48, (1, 4), generator=torch.Generator().manual_seed(seed))
+        greedy = model.generate(prompt, 3 * BLOCK, temperature=0)[0, 4:].tolist()
+        assert beam_search(model, prompt, 3 * BLOCK, num_beams=1)[0][1] == greedy
+        # with an end-of-text token: greedy stops at it, and so does the single beam
+        eot = greedy[5]
+        assert beam_search(model, prompt, 3 * BLOCK, num_beams=1, eot_id=eot)[0][1] == greedy[:greedy.index(eot) + 1]
+
+
+@pytest.mark.parametrize('length_penalty', [0.0, 1.0, 2.0])
+def test_more_beams_never_score_worse_than_greedy(length_penalty):
+    model = tiny_gpt(seed=5)
+    for seed in range(3):
+        prompt = torch.randint(0, 48, (1, 3), generator=torch.Generator().manual_seed(seed))
+        greedy_score, greedy = greedy_hypothesis(model, prompt, 10, length_penalty, eot_id=7)
+        assert greedy_score == pytest.approx(sequence_score(model, prompt, greedy, length_penalty), abs=1e-4)
+        for num_beams in (2, 4):
+            hypotheses = beam_search(model, prompt, 10, num_beams, length_penalty, eot_id=7)
+            assert [h[0] for h in hypotheses] == sorted((h[0] for h in hypotheses), reverse=True)
+            for score, tokens in hypotheses:  # each score is what a plain forward pass gives its tokens
+                assert score == pytest.approx(sequence_score(model, prompt, tokens, length_penalty), abs=1e-4)
+            assert hypotheses[0][0] >= greedy_score - 1e-6
+
+
+class TableModel(nn.Module):
+    """A language model given as a table: next-token probabilities for each continuation of the prompt."""
+
+    def __init__(self, table, vocab_size, prompt_len):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=64)
+        self.lm_head = nn.Linear(1, vocab_size, bias=False)
+        self.table, self.vocab_size, self.prompt_len = table, vocab_size, prompt_len
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        rows = []
+        for row in idx.tolist():
+            probs = torch.full((self.vocab_size,), 1e-4)
+            for token, p in self.table.get(tuple(row[self.prompt_len:]), {}).items():
+                probs[token] = p
+            rows.append((probs / probs.sum()).log())
+        return torch.stack(rows)[:, None, :], None
+
+
+A, B, C, X, Y = range(5)
+
+
+def table_beams(table, steps, num_beams, length_penalty=1.0, eot_id=None):
+    model = TableModel(table, 5, prompt_len=1)
+    return beam_search(model, torch.tensor([[C]]), steps, num_beams, length_penalty, eot_id=eot_id, use_cache=False)
+
+
+def test_beam_search_finds_what_greedy_misses():
+    flat = {t: 0.2 for t in range(5)}
+    table = {(): {A: 0.4, B: 0.35, C: 0.25}, (A,): flat, (B,): {X: 0.9, Y: 0.1}}
+    (score, tokens), *_ = table_beams(table, 2, num_beams=2)
+    assert tokens == [B, X] and score == pytest.approx(math.log(0.35 * 0.9) / 2, abs=1e-3)
+
+
+def test_beam_search_keeps_greedy_when_the_beam_loses_it():
+    # the greedy prefix (A, A) falls out of a 2-beam at step 2, and both beams then lead nowhere
+    flat = {t: 0.2 for t in range(5)}
+    table = {(): {A: 0.5, B: 0.3, C: 0.2}, (A,): flat, (A, A): {A: 1.0}, (B,): {X: 0.5, Y: 0.45},
+             (B, X): flat, (B, Y): flat}
+    hypotheses = table_beams(table, 3, num_beams=2)
+    assert hypotheses[0][1] == [A, A, A]
+    # the beams themselves, what plain beam search would return, score lower: log(0.3 * 0.5 * 0.2) / 3
+    assert len(hypotheses) == 3 and all(tokens[:2] == [B, X] for _, tokens in hypotheses[1:])
+    assert all(score < hypotheses[0][0] - 0.3 for score, _ in hypotheses[1:])
+
+
+def test_length_penalty_decides_between_short_and_long():
+    eot = Y
+    table = {(): {A: 0.6, eot: 0.4}, (A,): {X: 0.3, B: 0.25, C: 0.25, eot: 0.2}, (A, X): {eot: 1.0}}
+    # log(0.4) / 1 = -0.92 for [eot]; log(0.6 * 0.3 * 1.0) / 3 = -0.57 for [A, X, eot]
+    assert table_beams(table, 5, 2, length_penalty=1.0, eot_id=eot)[0][1] == [A, X, eot]
+    # unnormalised (length_penalty 0), the short one wins: -0.92 > -1.71
+    assert table_beams(table, 5, 2, length_penalty=0.0, eot_id=eot)[0][1] == [eot]
+
+
+def test_controls_reject_meaningless_values():
+    for bad in (dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(num_beams=0),
+                dict(repetition_penalty=0.0), dict(top_k=-1), dict(num_beams=2, num_samples=3)):
+        with pytest.raises(ValueError):
+            check_controls(**bad)
+    check_controls(temperature=0, top_k=None, top_p=1.0, num_beams=4, num_samples=4)
+
+
+# ---------------------------------------------------------------------------- text
+
+TEXT = 'ROMEO: wherefore art thou?\nJULIET: here, my love.\n'
+
+
+def char_model():
+    tokenizer = make_tokenizer('char', TEXT)
+    model = tiny_gpt(vocab_size=64)  # padded like train.py's: ids >= tokenizer.vocab_size are no tokens
+    with torch.no_grad():  # make the padding rows win every argmax, unless generation masks them:
+        model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 1.0  # feature 0 is always 1
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tokenizer.vocab_size:, 0] = 100.0
+    return model, tokenizer
+
+
+def test_generate_text_never_picks_padding_ids_and_streams_its_completion():
+    model, tokenizer = char_model()
+    ids = tokenizer.encode('ROMEO:')
+    unmasked = next(generate_tokens(model, torch.tensor([ids]), 1, temperature=0))
+    assert unmasked.item() >= tokenizer.vocab_size  # the masking below is needed
+    pieces = []
+    [text] = generate_text(model, tokenizer, ids, max_new_tokens=40, temperature=0,
+                           on_text=lambda row, piece: pieces.append(piece))
+    tokens = list(generate_tokens(model, torch.tensor([ids]), 40, temperature=0, vocab_size=tokenizer.vocab_size))
+    assert text == tokenizer.decode(torch.cat(tokens)) and ''.join(pieces) == text and len(pieces) > 1
+
+
+def test_stop_strings_and_end_of_text_end_a_completion():
+    model, tokenizer = char_model()
+    ids = tokenizer.encode('JULIET:')
+    [full] = generate_text(model, tokenizer, ids, max_new_tokens=60, temperature=0)
+    stop = full[20:22]
+    pieces = []
+    [cut] = generate_text(model, tokenizer, ids, max_new_tokens=60, temperature=0, stop=['zzz', stop],
+                          on_text=lambda row, piece: pieces.append(piece))
+    assert cut == full[:full.index(stop)] and ''.join(pieces) == cut
+    # a tokenizer's end-of-text token ends the completion, and is not part of it
+    eot = tokenizer.encode(full[30])[0]
+    tokenizer.eot_id = eot
+    [ended] = generate_text(model, tokenizer, ids, max_new_tokens=60, temperature=0)
+    assert ended == full[:full.index(full[30])]
+    # sampled rows of one batch end independently
+    torch.manual_seed(0)
+    rows = generate_text(model, tokenizer, ids, num_samples=4, max_new_tokens=60, temperature=1.0, stop=['e'])
+    assert len(rows) == 4 and all('e' not in row for row in rows) and len(set(rows)) > 1

@@ -1,0 +1,231 @@
+"""Hugging Face interop, offline: randomly initialised transformers GPT-2 models and tokenizers trained here,
+saved to temp folders. Import and export against transformers' own logits and pipeline, tokenizer
+conversions against the originals, fine-tuning through train.py, and refusals of what we cannot represent."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import TINY_TRAIN, assert_clean_error, run, run_all
+from dataset import load_meta, open_split, sample_windows, save_meta, token_dtype, write_split
+from hf_gpt2 import HFError, export_gpt2, load_gpt2, tiktoken_backend, tokenizer_of
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer, make_tokenizer
+
+pytestmark = pytest.mark.usefixtures('one_torch_thread', 'hub_offline')
+
+CORPUS = [f"{who}: Shall I compare thee to a summer's day? Thou art more lovely, {n} times.\n"
+          f"Привет, мир! 你好. Naïve café — 12345 + 0.5\n" for n in range(40) for who in ('ROMEO', 'JULIET')]
+PROMPT = 'ROMEO: Shall I'
+
+
+@pytest.fixture(scope='module')
+def hub_offline():
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set the variable and its constant
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('HF_HUB_OFFLINE', '1')
+        import huggingface_hub.constants
+        mp.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+        yield
+
+
+@pytest.fixture(scope='module')
+def bpe():
+    return make_tokenizer('bpe', CORPUS, vocab_size=300)
+
+
+def hf_tokenizer(bpe):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.describe()['tokenizer_json']),
+                                   eos_token='<|endoftext|>', clean_up_tokenization_spaces=False)
+
+
+def save_hf_gpt2(folder, vocab_size, tokenizer=None, seed=0, **config):
+    """A randomly initialised transformers GPT-2 (with sharp logits: untied, scaled head) saved to folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    args = dict(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=False,
+                bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(GPT2Config(**{**args, **config})).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20)
+        for name, p in hf.named_parameters():
+            if name.endswith('bias'):
+                p.normal_(0, 0.1)  # non-zero biases, so a lost bias would show
+    hf.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return hf
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, 'logits') else out[0]).float()
+
+
+@pytest.mark.parametrize('config', [dict(), dict(activation_function='gelu', tie_word_embeddings=True),
+                                    dict(activation_function='relu2')], ids=['gelu_new', 'gelu_tied', 'relu2'])
+def test_import_gives_transformers_logits(tmp_path, config):
+    hf = save_hf_gpt2(tmp_path, 97, **config)
+    model, description = load_gpt2(str(tmp_path))
+    assert description is None  # the folder has no tokenizer files
+    ids = torch.randint(0, 97, (3, 64), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits_of(model, ids), logits_of(hf, ids), atol=1e-5, rtol=1e-5)
+    assert model.config.tie_weights == config.get('tie_word_embeddings', False)
+
+
+def test_what_we_cannot_represent_is_refused(tmp_path):
+    for bad, message in ((dict(layer_norm_epsilon=1e-6), 'layer_norm_epsilon'),
+                         (dict(activation_function='quick_gelu'), 'quick_gelu'), (dict(n_inner=40), 'n_inner')):
+        folder = tmp_path / message
+        save_hf_gpt2(folder, 50, **bad)
+        with pytest.raises(HFError, match=message):
+            load_gpt2(str(folder))
+    with pytest.raises(HFError, match='neither'):
+        load_gpt2(str(tmp_path))  # no config.json
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, activation='swiglu'))
+    with pytest.raises(HFError, match="swiglu"):
+        export_gpt2(model, None, str(tmp_path / 'export'))
+
+
+def test_export_round_trip_gives_the_same_logits(tmp_path, bpe):
+    for config in (dict(bias=False, activation='gelu_tanh'), dict(tie_weights=False, activation='gelu')):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=320, n_layer=2, n_head=2, n_embd=32, **config)).eval()
+        folder = tmp_path / config['activation']
+        assert export_gpt2(model, bpe.describe(), str(folder)) == []
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+        assert hf.config.vocab_size == bpe.vocab_size == 300  # the padding rows of our 320 are no tokens
+        ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+        ours = logits_of(model, ids)[..., :300]
+        torch.testing.assert_close(logits_of(hf, ids), ours, atol=1e-5, rtol=1e-5)
+        back, description = load_gpt2(str(folder))
+        torch.testing.assert_close(logits_of(back, ids), ours, atol=1e-5, rtol=1e-5)
+        assert description == bpe.describe()  # the tokenizer comes back exactly
+
+
+def pipeline_greedy(folder, prompt, n):
+    from transformers import pipeline
+    generator = pipeline('text-generation', model=str(folder))
+    return generator(prompt, do_sample=False, max_new_tokens=n)[0]['generated_text']
+
+
+def test_pipeline_greedy_text_equals_sample_py(tmp_path, bpe):
+    # exported from our checkpoint (export_hf.py), and imported from a Hugging Face folder (--init_from)
+    from checkpoint import save_checkpoint
+    torch.manual_seed(2)
+    model_args = dict(block_size=64, vocab_size=320, n_layer=2, n_head=2, n_embd=32, bias=False, tie_weights=False)
+    model = GPT(GPTConfig(**model_args))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    out, exported, imported = tmp_path / 'out', tmp_path / 'exported', tmp_path / 'imported'
+    save_checkpoint(out, model, None, 1, 0.0, model_args, {}, bpe.describe())
+    save_hf_gpt2(imported, bpe.vocab_size, hf_tokenizer(bpe), seed=3)
+    greedy = [f'--start={PROMPT}', '--temperature=0', '--num_samples=1', '--max_new_tokens=24', '--device=cpu']
+    export, *samples = run_all([('export_hf.py', f'--out_dir={out}', f'--hf_dir={exported}'),
+                                ('sample.py', f'--out_dir={out}', *greedy), ('sample.py', f'--init_from={imported}', *greedy)])
+    assert export.returncode == 0 and 'verified' in export.stdout, export.stderr
+    for proc, folder in zip(samples, (exported, imported)):
+        assert proc.returncode == 0, proc.stderr
+        ours = proc.stdout
+        assert ours.endswith('\n---------------\n')
+        # random weights write random bytes, '\r' among them, which reading stdout as text turns into '\n'
+        theirs = pipeline_greedy(folder, PROMPT, 24).replace('\r\n', '\n').replace('\r', '\n')
+        assert ours[:-len('\n---------------\n')] == theirs
+
+
+def test_char_tokenizer_exports_and_round_trips(tmp_path):
+    text = ''.join(CORPUS[:2])
+    char = make_tokenizer('char', text)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    export_gpt2(model, char.describe(), str(tmp_path))
+    from transformers import AutoTokenizer
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    shuffled = ''.join(np.random.default_rng(0).permutation(list(char.chars * 3)))
+    for sample in (text, shuffled):
+        ids = theirs.encode(sample, add_special_tokens=False)
+        assert ids == char.encode(sample) and theirs.decode(ids) == sample
+    assert tokenizer_of(str(tmp_path)) == char.describe()
+    notes = export_gpt2(model, make_tokenizer('word', text).describe(), str(tmp_path / 'word'))
+    assert len(notes) == 1 and 'word' in notes[0]  # said, not silently dropped
+
+
+def test_tiktoken_conversion_encodes_like_tiktoken(bpe):
+    """An encoding with the ranks of a BPE trained here (tiktoken's GPT-2 files are not offline) goes through
+    the same conversion as tiktoken's 'gpt2' on export."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    merges = json.loads(bpe.describe()['tokenizer_json'])['model']['merges']
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in merges:
+        left, right = merge if isinstance(merge, list) else merge.split(' ')
+        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
+    encoding = tiktoken.Encoding('test', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={'<|endoftext|>': len(ranks)})
+    converted = PreTrainedTokenizerFast(tokenizer_object=tiktoken_backend(encoding))
+    for text in CORPUS[:3] + ["  odd   spacing\t\n\n and 'quotes' it's, emoji 🙂 and ŋ unseen"]:
+        ids = encoding.encode_ordinary(text)
+        assert converted.encode(text, add_special_tokens=False) == ids and len(ids) < len(text.encode())
+        assert converted.decode(ids) == text
+
+
+def write_dataset(folder, tokenizer, text):
+    folder.mkdir()
+    ids = tokenizer.encode(text)
+    n = int(0.8 * len(ids))
+    dtype = token_dtype(tokenizer.vocab_size)
+    write_split(folder, 'train', ids[:n], dtype)
+    write_split(folder, 'val', ids[n:], dtype)
+    save_meta(folder, tokenizer)
+
+
+def test_fine_tune_and_evaluate_a_hugging_face_folder(tmp_path, bpe, char_dataset):
+    folder, data, out = tmp_path / 'hf', tmp_path / 'data', tmp_path / 'out'
+    hf = save_hf_gpt2(folder, bpe.vocab_size, hf_tokenizer(bpe))
+    tokenizer = load_tokenizer({'kind': 'hf', 'name': str(folder)})
+    write_dataset(data, tokenizer, ''.join(CORPUS))
+    # train.py's first evaluation is of the imported weights (cropped to block_size 16): transformers' loss
+    proc = run('train.py', f'--init_from={folder}', f'--dataset={data}', f'--out_dir={out}', *TINY_TRAIN,
+               '--block_size=16', '--max_iters=2', '--eval_interval=2', '--eval_iters=2', '--seed=5')
+    printed = re.search(r'step 0: train loss \S+, val loss (\S+)', proc.stdout).group(1)
+    rng = np.random.default_rng([5, 0, 1])
+    val = open_split(data, 'val', load_meta(data))
+    losses = torch.zeros(2)
+    for k in range(2):
+        rows = torch.from_numpy(sample_windows(val, 16, 8, rng))
+        logits = logits_of(hf, rows[:, :-1])
+        losses[k] = F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1)).item()
+    assert printed == f'{losses.mean().item():.4f}'
+    ckpt = json.loads((out / 'checkpoint.json').read_text())
+    assert ckpt['model_args']['block_size'] == 16 and ckpt['iter_num'] == 2
+    model, _ = load_gpt2(str(folder), dropout=0.25)
+    assert model.transformer.drop.p == 0.25 and model.transformer.h[0].attn.dropout == 0.25
+    # eval.py straight from the folder, on a text file: transformers' loss over consecutive windows of 64
+    text_file = tmp_path / 'text.txt'
+    text = ''.join(CORPUS[:6])
+    text_file.write_text(text, encoding='utf-8')
+    table = run('eval.py', f'--init_from={folder}', f'--text={text_file}', '--device=cpu').stdout
+    ids = torch.tensor(tokenizer.encode(text))
+    total = sum(F.cross_entropy(logits_of(hf, ids[s:s + 64][None])[0][:len(ids[s + 1:s + 65])], ids[s + 1:s + 65],
+                                reduction='sum').item() for s in range(0, len(ids) - 1, 64))
+    loss = float(table.strip().splitlines()[1].split()[-3])
+    assert loss == pytest.approx(total / (len(ids) - 1), abs=1e-4)
+    # bad input: a dataset made with another tokenizer, a folder of another architecture, no dataset
+    (tmp_path / 'llama').mkdir()
+    (tmp_path / 'llama' / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
+    wrong_tokenizer, other_architecture, no_data = run_all([
+        ('train.py', f'--init_from={folder}', f'--dataset={char_dataset}', f'--out_dir={tmp_path / "x"}', '--device=cpu'),
+        ('sample.py', f'--init_from={tmp_path / "llama"}'),
+        ('eval.py', f'--init_from={folder}')])
+    assert_clean_error(wrong_tokenizer, 'another tokenizer')
+    assert_clean_error(other_architecture, 'llama', 'not GPT-2')
+    assert_clean_error(no_data, '--dataset', '--text')

@@ -1,0 +1,181 @@
+"""sample.py and eval.py as a user runs them, on a tiny character-level model trained here: outputs
+against plain forward passes, reproducibility, streaming and interactive prompts, train.py's own val loss,
+and one clear line for each kind of bad input."""
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from checkpoint import load_model, read_checkpoint, save_checkpoint
+from conftest import ROOT, TINY_TRAIN, assert_clean_error, run, run_all
+from dataset import load_meta, open_split
+from tokenizer import load_tokenizer
+
+SEPARATOR = '\n---------------\n'
+BLOCK = 32  # TINY_TRAIN's block_size
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
+
+
+@pytest.fixture(scope='module')
+def trained(char_dataset, tmp_path_factory):
+    """A checkpoint of a tiny model after 20 iterations, and train.py's output."""
+    out = tmp_path_factory.mktemp('sample_eval') / 'out'
+    proc = run('train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *TINY_TRAIN, '--max_iters=20',
+               '--eval_interval=20', '--seed=3')
+    return out, proc.stdout
+
+
+@pytest.fixture(scope='module')
+def loaded(trained):
+    model, ckpt = load_model(trained[0])
+    return model.eval(), load_tokenizer(ckpt['tokenizer'])
+
+
+def greedy_reference(model, tokenizer, prompt, n):
+    """Greedy decoding by plain forward passes over the whole sequence (it stays within block_size)."""
+    ids = tokenizer.encode(prompt)
+    assert len(ids) + n <= BLOCK
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0][0, -1, :tokenizer.vocab_size]
+            ids.append(int(logits.argmax()))
+    return tokenizer.decode(ids)
+
+
+def sample(out, *args, **kw):
+    return run('sample.py', f'--out_dir={out}', '--device=cpu', *args, **kw)
+
+
+def test_greedy_sample_is_the_models_argmax_and_interactive_matches(trained, loaded):
+    out, _ = trained
+    proc = sample(out, '--start=ROMEO:', '--temperature=0', '--num_samples=1', '--max_new_tokens=20')
+    assert proc.stdout == greedy_reference(*loaded, 'ROMEO:', 20) + SEPARATOR
+    inter = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--out_dir={out}', '--device=cpu',
+                            '--interactive=True', '--temperature=0', '--num_samples=1', '--max_new_tokens=20'],
+                           input='ROMEO:\nJULIET:\n', capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert inter.returncode == 0, inter.stderr
+    assert inter.stdout == proc.stdout + greedy_reference(*loaded, 'JULIET:', 20) + SEPARATOR
+
+
+def test_seed_reproduces_a_batch_of_samples(trained):
+    out, _ = trained
+    args = ['--start=JULIET:', '--num_samples=3', '--max_new_tokens=40', '--temperature=1.0', '--progress=True']
+    first, again = sample(out, *args, '--seed=7'), sample(out, *args, '--seed=7')
+    other = sample(out, *args, '--seed=8')
+    assert first.stdout == again.stdout and first.stdout != other.stdout
+    samples = first.stdout.split(SEPARATOR)
+    assert samples[-1] == '' and len(samples) == 4  # three samples, each followed by the separator
+    assert all(s.startswith('JULIET:') and len(s) > len('JULIET:') for s in samples[:3])
+    assert len(set(samples[:3])) == 3  # the rows of the batch are sampled independently
+
+
+def test_prompt_file_stop_string_beams_and_long_prompt(trained, loaded, tmp_path):
+    out, _ = trained
+    model, tokenizer = loaded
+    full = greedy_reference(model, tokenizer, 'ROMEO:', 20)[len('ROMEO:'):]
+    stop = full[5:7]
+    prompt_file = tmp_path / 'prompt.txt'
+    prompt_file.write_text('ROMEO:', encoding='utf-8')
+    proc = sample(out, f'--start=FILE:{prompt_file}', '--temperature=0', '--num_samples=1', '--max_new_tokens=20',
+                  f'--stop=xyz|{stop}'.replace('\n', '\\n'))
+    assert proc.stdout == 'ROMEO:' + full[:full.index(stop)] + SEPARATOR
+    # beam search's two best beams, from a prompt longer than the model's block_size
+    long_prompt = 'Thou art more lovely and more temperate. ' * 3
+    beams = sample(out, f'--start={long_prompt}', '--num_beams=3', '--num_samples=2', '--max_new_tokens=10')
+    assert f'note: the prompt has {len(long_prompt)} tokens' in beams.stderr and 'last 32' in beams.stderr
+    samples = beams.stdout.split(SEPARATOR)
+    assert len(samples) == 3 and all(s.startswith(long_prompt) for s in samples[:2]) and samples[0] != samples[1]
+
+
+def test_bad_input_gets_one_clear_line(trained, tmp_path):
+    out, _ = trained
+    incomplete = tmp_path / 'incomplete'
+    shutil.copytree(out, incomplete)
+    os.remove(incomplete / read_checkpoint(out)['model_file'])
+    base = ['sample.py', f'--out_dir={out}', '--device=cpu', '--max_new_tokens=5', '--num_samples=1']
+    cases = [
+        (base + ['--start=ROMEO: жёлтый'], ("'ж'", 'drop_unknown=True')),
+        (base + ['--top_p=1.5'], ('top_p=1.5', '(0, 1]')),
+        (base + ['--temperature=-0.5'], ('temperature=-0.5', 'negative')),
+        (base + ['--num_beams=0'], ('num_beams=0',)),
+        (base + [f'--out_dir={tmp_path / "missing"}'], ('does not exist',)),
+        (base + [f'--out_dir={incomplete}'], ('missing', 'incomplete')),
+        (base + ['--start=FILE:no/such/prompt.txt'], ('no/such/prompt.txt', 'not found')),
+        (['eval.py', f'--out_dir={out}', '--device=cpu', f'--text={tmp_path / "none.txt"}'], ('none.txt', 'not found')),
+    ]
+    for (command, fragments), proc in zip(cases, run_all([c for c, _ in cases])):
+        assert_clean_error(proc, *fragments)
+    dropped = sample(out, '--start=ROMEO: жёлтый', '--drop_unknown=True', '--max_new_tokens=5', '--num_samples=1')
+    assert dropped.stdout.startswith('ROMEO: ')
+
+
+def parse_table(stdout):
+    """eval.py's table as {model: (tokens, loss, perplexity, bits/byte)}, in order."""
+    rows = {}
+    for line in stdout.strip().splitlines()[1:]:
+        cells = line.split()
+        rows[cells[0]] = (int(cells[-4].replace(',', '')), *map(float, cells[-3:]))
+    return rows
+
+
+def test_eval_reproduces_the_val_loss_train_printed(trained):
+    out, train_stdout = trained
+    [line] = [l for l in train_stdout.splitlines() if l.startswith('step 20:')]
+    val_loss, val_bpb = re.search(r'val loss (\S+), val bits/byte (\S+)', line).groups()
+    proc = run('eval.py', f'--out_dir={out}', '--device=cpu', '--train_batches=True')
+    [row] = proc.stdout.strip().splitlines()[1:]
+    assert row.split()[-3] == val_loss and row.split()[-1] == val_bpb, (line, row)
+    assert abs(read_checkpoint(out)['best_val_loss'] - float(val_loss)) < 5e-5
+
+
+def reference_loss(model, ids):
+    """Sum of cross-entropies of ids[1:], predicted in consecutive windows of BLOCK tokens, and the count."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, BLOCK):
+            window = torch.tensor(np.asarray(ids[s:s + BLOCK + 1], dtype=np.int64))
+            logits = model(window[None, :-1])[0][0]
+            total += F.cross_entropy(logits, window[1:], reduction='sum').item()
+            count += len(window) - 1
+    return total, count
+
+
+def test_eval_full_pass_and_text_file_side_by_side(trained, loaded, char_dataset, tmp_path):
+    out, _ = trained
+    model, tokenizer = loaded
+    # a second checkpoint, different weights, for the side-by-side table
+    other = tmp_path / 'other'
+    ckpt = read_checkpoint(out)
+    changed, _ = load_model(out)
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(1.5)
+    save_checkpoint(other, changed, None, 20, 0.0, ckpt['model_args'], ckpt['config'], ckpt['tokenizer'])
+    text = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name.\n" * 3
+    text_file = tmp_path / 'text.txt'
+    text_file.write_text(text, encoding='utf-8')
+    proc = run('eval.py', f'--out_dir={out},{other}', '--device=cpu', f'--text={text_file}', '--batch_size=3',
+               '--drop_unknown=True')
+    rows = parse_table(proc.stdout)
+    assert list(rows) == [str(out), str(other)]
+    ids = tokenizer.encode(tokenizer.drop_unknown(text))
+    for name, m in ((str(out), model), (str(other), changed.eval())):
+        total, count = reference_loss(m, ids)
+        tokens, loss, ppl, bpb = rows[name]
+        assert tokens == count and loss == pytest.approx(total / count, abs=1e-4)
+        assert ppl == pytest.approx(math.exp(total / count), rel=1e-3)
+        scored_bytes = len(tokenizer.decode(ids[1:]).encode('utf-8'))
+        assert bpb == pytest.approx(total / math.log(2) / scored_bytes, abs=1e-4)
+    assert rows[str(out)][1] != rows[str(other)][1]
+    # the default: every token of the checkpoint's own dataset's val.bin
+    val = open_split(char_dataset, 'val', load_meta(char_dataset))
+    total, count = reference_loss(model, val)
+    [(tokens, loss, _, _)] = parse_table(run('eval.py', f'--out_dir={out}', '--device=cpu').stdout).values()
+    assert tokens == count == len(val) - 1 and loss == pytest.approx(total / count, abs=1e-4)
