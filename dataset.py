@@ -43,12 +43,50 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8')))
 
 
+class SplitWriter:
+    """Appends token ids to one split's .bin file as they come, so memory stays bounded whatever the
+    corpus size. The ids go to a temporary file beside it; commit() puts that in place. Leaving the
+    `with` block without commit() (an error, Ctrl-C) removes the temporary file: nothing half-written
+    is left behind."""
+
+    def __init__(self, folder, split, dtype):
+        self.folder, self.dtype, self.tokens = folder, np.dtype(dtype), 0
+        self.path = os.path.join(folder, f'{split}.bin')
+        self.tmp = f'{self.path}.tmp{os.getpid()}'
+        self._file = open(self.tmp, 'wb')
+
+    def write(self, ids):
+        ids = np.asarray(ids)
+        if ids.size and ids.max() > np.iinfo(self.dtype).max:
+            raise DatasetError(f'token id {ids.max()} does not fit {self.dtype.name}')
+        self._file.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += ids.size
+
+    def commit(self):
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        # the folder's meta.json describes the old .bin files: remove it first, so a crash before the new
+        # one is written leaves a dataset that says it is incomplete, never one that mixes old and new
+        meta = os.path.join(self.folder, META_NAME)
+        if os.path.exists(meta):
+            os.remove(meta)
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
 def write_split(folder, split, ids, dtype):
     """Write one split's token ids as a flat binary array."""
-    ids = np.asarray(ids)
-    if ids.size and ids.max() > np.iinfo(dtype).max:
-        raise DatasetError(f'token id {ids.max()} does not fit {np.dtype(dtype).name}')
-    atomic_write_bytes(os.path.join(folder, f'{split}.bin'), lambda f: f.write(ids.astype(dtype).tobytes()))
+    with SplitWriter(folder, split, dtype) as writer:
+        writer.write(ids)
+        writer.commit()
 
 
 def save_meta(folder, tokenizer, **stats):
@@ -56,6 +94,10 @@ def save_meta(folder, tokenizer, **stats):
     script, so a dataset whose meta.json exists is complete."""
     meta = dict(tokenizer=tokenizer.describe(), vocab_size=tokenizer.vocab_size,
                 dtype=np.dtype(token_dtype(tokenizer.vocab_size)).name, **stats)
+    if 'tokenizer_json' in meta['tokenizer']:
+        # a trained BPE also as tokenizer.json, for other tools; our scripts read the copy in meta.json
+        tokenizer_json = meta['tokenizer']['tokenizer_json']
+        atomic_write_bytes(os.path.join(folder, 'tokenizer.json'), lambda f: f.write(tokenizer_json.encode('utf-8')))
     atomic_write_json(os.path.join(folder, META_NAME), meta)
     return meta
 
@@ -63,7 +105,12 @@ def save_meta(folder, tokenizer, **stats):
 def prepare_command(folder):
     """The command that (re)creates the dataset in folder, for error messages."""
     script = os.path.join(folder, 'prepare.py')
-    return f'python {script}' if os.path.exists(script) else f'python prepare.py --out_dir={folder}'
+    if os.path.exists(script):
+        return f'python {script}'
+    config = os.path.join('config', f'prepare_{os.path.basename(os.path.normpath(folder))}.py')
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), config)):
+        return f'python prepare.py {config}'
+    return f'python prepare.py --input=YOUR_TEXT --out_dir={folder}'
 
 
 def load_meta(folder):
@@ -114,10 +161,16 @@ def read_text(input_path, url, cache_path, encoding_errors='strict'):
     if not os.path.isfile(path):
         raise DatasetError(f'input file {path} not found')
     with open(path, 'rb') as f:
-        raw = f.read()
+        return decode_utf8(f.read(), path, encoding_errors)
+
+
+def decode_utf8(raw, path, encoding_errors='strict', start_byte=0, start_line=1):
+    """raw (a piece of path starting at byte start_byte, line start_line) as text; bytes that are not
+    UTF-8 raise a DatasetError saying where they are."""
     try:
         return raw.decode('utf-8', errors=encoding_errors)
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b'\n') + 1
-        raise DatasetError(f'{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}; '
-                           f"convert it, or pass --encoding_errors=replace to replace bad bytes") from None
+        line = start_line + raw.count(b'\n', 0, e.start)
+        raise DatasetError(f'{path} is not UTF-8: byte {start_byte + e.start} (line {line}) is '
+                           f'{raw[e.start:e.start + 1]!r}; convert it, or pass --encoding_errors=replace '
+                           f'to replace bad bytes') from None

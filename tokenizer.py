@@ -16,6 +16,7 @@ a document cannot forge an end-of-text. Scripts put eot_id between documents the
 """
 import difflib
 import inspect
+import itertools
 import os
 import re
 from collections import Counter
@@ -79,6 +80,14 @@ class Tokenizer:
 
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]
+
+    def encode_flat(self, texts):
+        """All texts' ids in one uint32 array, and each text's number of ids: what prepare scripts write,
+        built without a Python list per text where the kind allows it."""
+        lists = self.encode_batch(texts)
+        counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.uint32, count=int(counts.sum()))
+        return flat, counts
 
     def decode(self, ids):
         """ids: a list, or a 1-D numpy array or torch tensor (any device), of token ids."""
@@ -279,6 +288,15 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode_batch(self, texts):
         return self._enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 8)
+
+    def encode_flat(self, texts):
+        # numpy arrays straight from Rust: ~10% faster than encode_ordinary's lists, the same ids (no special
+        # token is allowed, so '<|endoftext|>' in the text is ordinary text); one thread, prepare runs processes
+        if not hasattr(self._enc, 'encode_to_numpy'):  # tiktoken < 0.8
+            return super().encode_flat(texts)
+        arrays = [self._enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
+        counts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        return (np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)), counts
 
     def _decode(self, ids):
         return self._enc.decode(ids.tolist())

@@ -1,0 +1,48 @@
+"""
+Tiny Shakespeare with GPT-2's BPE (tiktoken), as in nanoGPT: 301,966 train and 36,059 val tokens.
+Downloads the text to input.txt (or reads --input=PATH) and writes train.bin, val.bin (the first 90%
+and last 10% of the text) and meta.json beside this file (or in --out_dir).
+
+    python data/shakespeare/prepare.py
+    python train.py --dataset=shakespeare ...
+
+GPT-2's BPE files are downloaded on first use; offline, point TIKTOKEN_CACHE_DIR at a folder holding them.
+"""
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for its modules
+
+from configurator import configure, fail  # noqa: E402
+from dataset import DatasetError, read_text, save_meta, token_dtype, write_split  # noqa: E402
+from tokenizer import TokenizerError, make_tokenizer  # noqa: E402
+
+input = ''  # a local text file to use instead of downloading Tiny Shakespeare
+encoding_errors = 'strict'  # 'replace' turns bytes that are not UTF-8 into U+FFFD instead of failing
+out_dir = HERE  # where train.bin, val.bin and meta.json go
+url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+configure(globals())
+
+t0 = time.time()
+try:
+    tokenizer = make_tokenizer('tiktoken', name='gpt2')  # before the download: fail fast offline
+    text = read_text(input, url, os.path.join(HERE, 'input.txt'), encoding_errors)
+except (DatasetError, TokenizerError) as e:
+    fail(e)
+if not text:
+    fail(f'{input or "input.txt"} is empty: nothing to train on')
+print(f'length of dataset in characters: {len(text):,}')
+
+n = int(0.9 * len(text))
+splits = {'train': text[:n], 'val': text[n:]}
+ids = {split: tokenizer.encode(part) for split, part in splits.items()}  # one document: no end-of-text
+dtype = token_dtype(tokenizer.vocab_size)
+os.makedirs(out_dir, exist_ok=True)
+for split, split_ids in ids.items():
+    print(f'{split} has {len(split_ids):,} tokens')
+    write_split(out_dir, split, split_ids, dtype)
+save_meta(out_dir, tokenizer, train_tokens=len(ids['train']), val_tokens=len(ids['val']),
+          bytes_per_token=len(splits['val'].encode('utf-8')) / len(ids['val']))
+print(f'wrote {out_dir}/train.bin, val.bin and meta.json in {time.time() - t0:.1f}s')

@@ -1,0 +1,562 @@
+"""
+Prepare your own corpus for training: a text file, a folder of text files, or a Hugging Face dataset,
+cleaned, deduplicated, split into train and val by document, and tokenised with any tokenizer kind.
+
+    python prepare.py --input=book.txt                          # a BPE trained on it -> data/book
+    python prepare.py --input=texts/ --tokenizer=tiktoken       # GPT-2's BPE, one document per file
+    python prepare.py config/prepare_pt_wiki_bpe.py             # a corpus's settings in a config file
+    python train.py --dataset=book                              # the tokenizer comes from the dataset
+
+Documents stream through in batches. Worker processes clean and tokenise them; this process drops exact
+duplicates, sends each document to train or val by a hash of its text (so the split is the same on every
+run, whatever the order of batches or the number of workers) and appends the ids to train.bin and val.bin
+through temporary files, renamed into place at the end, meta.json last. Memory stays bounded: of each
+document only its hash is kept (~70 bytes, for the duplicate check; none with --dedup=False). char, word
+and bpe tokenizers are trained first, in a pass over the train documents.
+
+`python prepare.py --help` lists every setting.
+"""
+import ast
+import collections
+import hashlib
+import html
+import itertools
+import multiprocessing
+import os
+import pathlib
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+from tqdm import tqdm
+
+from configurator import configure, fail
+from dataset import DatasetError, SplitWriter, decode_utf8, save_meta, token_dtype
+from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
+
+# -----------------------------------------------------------------------------
+# input: text files, or a Hugging Face dataset
+input = ''  # a text file, or a folder: every file in it (and below) matching input_glob, in sorted order
+input_glob = '*.txt'  # which files of an input folder to read
+document = ''  # what one document of a text input is: 'file', 'paragraph' (blank-line separated) or 'line'; '' = 'file' for a folder, 'paragraph' for a file
+encoding_errors = 'strict'  # 'replace' turns bytes that are not UTF-8 into U+FFFD instead of stopping
+hf_dataset = ''  # a Hugging Face dataset: a hub name ('google/wiki40b') or a local folder
+hf_config = ''  # the dataset's configuration, if it has several ('ru')
+hf_split = 'train'  # which of its splits to read
+hf_revision = ''  # a branch, tag or commit of the dataset on the hub ('' = main)
+hf_text_column = 'text'  # the column holding the documents
+hf_streaming = False  # read the dataset as it downloads, without keeping a copy on disk
+# cleaning, in this order
+clean_wiki = False  # strip wiki40b's markers (_START_ARTICLE_, _NEWLINE_, ...) and wiki markup ([[links]], {{templates}}, '''bold''', <ref>s)
+unescape_html = False  # turn HTML entities (&#234; &amp;) into the characters they stand for
+normalize_whitespace = False  # runs of spaces and tabs become one space, lines are trimmed, at most one blank line in a row (off: it would flatten code)
+min_chars = 1  # drop documents shorter than this many characters, after cleaning
+max_chars = 0  # drop documents longer than this many characters (0: no limit)
+dedup = True  # drop exact duplicates of an earlier document (compared after cleaning)
+val_fraction = 0.01  # share of the documents that go to val, picked by a hash of each document's text
+# tokenizer
+tokenizer = 'bpe'  # char, word, bpe (these three are trained here), tiktoken or hf
+vocab_size = 8192  # bpe and word: the vocabulary size to train
+tokenizer_name = ''  # tiktoken: the encoding ('' = gpt2); hf: a hub name or a local folder
+gguf_file = ''  # hf: read the tokenizer from this .gguf file in tokenizer_name
+tokenizer_train_mb = 0.0  # bpe and word: train on at most this many MB of train documents (0: all)
+# output and speed
+out_dir = ''  # where train.bin, val.bin and meta.json go; '' = data/<name of the input>
+num_proc = 0  # worker processes that clean and tokenise; 0 = one per CPU core
+batch_mb = 1.0  # MB of text per batch sent to a worker
+# -----------------------------------------------------------------------------
+
+_TRAINED_KINDS = ('char', 'word', 'bpe')
+_READ_CHUNK = 8 << 20  # bytes of a text file read at a time
+
+
+# --- cleaning ------------------------------------------------------------------------------------------
+
+_WIKI40B_MARKER = re.compile(r'\s*_START_(?:ARTICLE|SECTION|PARAGRAPH)_\s*')
+_WIKI_MARKUP = [  # (pattern, replacement), applied in order
+    (re.compile(r'<!--.*?-->', re.S), ''),  # comments
+    (re.compile(r'<ref[^<>]*/>|<ref[^<>]*>.*?</ref>', re.S | re.I), ''),  # footnotes
+    (re.compile(r'\{\|.*?\|\}', re.S), ''),  # tables
+    (re.compile(r'\[\[([^\[\]|:]*\|)?([^\[\]:]*)\]\]'), r'\2'),  # [[target|label]] and [[target]] -> the text shown
+    (re.compile(r'\[\[[^\[\]]*\]\]'), ''),  # [[File:...]], [[Category:...]], interwiki links
+    (re.compile(r'\[(?:https?:)?//[^\s\]]+ ?([^\]]*)\]'), r'\1'),  # [http://url label] -> label
+    (re.compile(r"'{2,}"), ''),  # ''italic'', '''bold'''
+    (re.compile(r'^=+[^\S\n]*(.*?)[^\S\n]*=+[^\S\n]*$', re.M), r'\1'),  # == Heading == -> Heading
+    (re.compile(r'</?[a-zA-Z][a-zA-Z0-9]*(?:\s[^<>]*)?/?>'), ''),  # other HTML tags: <br>, <small>, </sup>
+    (re.compile(r'__[A-Z]+__'), ''),  # magic words: __TOC__, __NOTOC__
+]
+_WIKI_TEMPLATE = re.compile(r'\{\{[^{}]*\}\}')  # innermost {{template}}: removed until none is left
+_WIKI_SIGNS = ('[[', '{{', "''", '<', '==', '{|', '__', '[http', '[//')
+
+
+def strip_wiki(text):
+    """Wikipedia text as plain text: wiki40b's layout markers become blank lines and newlines, and
+    leftover wiki markup is removed, keeping the text a reader sees (a link's label, a heading's title)."""
+    if text.startswith(("b'", 'b"')):  # copies of wiki40b that store each article as a bytes literal
+        try:
+            text = ast.literal_eval(text).decode('utf-8')
+        except (ValueError, SyntaxError, UnicodeDecodeError):
+            pass
+    if '_START_' in text or '_NEWLINE_' in text:
+        text = _WIKI40B_MARKER.sub('\n\n', text).replace('_NEWLINE_', '\n')
+    if any(sign in text for sign in _WIKI_SIGNS):
+        for _ in range(10):  # nested templates, inside out
+            text, n = _WIKI_TEMPLATE.subn('', text)
+            if not n:
+                break
+        for pattern, replacement in _WIKI_MARKUP:
+            text = pattern.sub(replacement, text)
+    return text
+
+
+_ODD_SPACE = re.compile(r'[^\S\n ]')  # whitespace other than ' ' and '\n': tabs, '\r', no-break spaces, ...
+_BLANK_LINES = re.compile(r'\n{3,}')
+
+
+def normalize_spaces(text):
+    """Runs of spaces, tabs and other Unicode spaces become one space; lines lose leading and trailing
+    spaces; two or more blank lines in a row become one; the text loses leading and trailing whitespace.
+    Cheap checks first: most documents of a clean corpus need no change, and skip the slow part."""
+    if '  ' in text or ' \n' in text or '\n ' in text or _ODD_SPACE.search(text):
+        text = '\n'.join([' '.join(line.split()) for line in text.split('\n')])
+    if '\n\n\n' in text:
+        text = _BLANK_LINES.sub('\n\n', text)
+    return text.strip()
+
+
+def clean(text, options):
+    if options['clean_wiki']:
+        text = strip_wiki(text)
+    if options['unescape_html'] and '&' in text:
+        text = html.unescape(text)
+    if options['normalize_whitespace']:
+        text = normalize_spaces(text)
+    return text
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+def input_files(path, pattern):
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DatasetError(f'input {path} not found: give a text file or a folder of them')
+    files = sorted(str(p) for p in pathlib.Path(path).rglob(pattern) if p.is_file())
+    if not files:
+        raise DatasetError(f'no files matching {pattern} in {path}: set --input_glob (e.g. --input_glob="*.md")')
+    return files
+
+
+def _line_chunks(f):
+    # pieces of about _READ_CHUNK bytes that end at a newline: a UTF-8 character never spans two of them
+    rest = b''
+    while block := f.read(_READ_CHUNK):
+        block = rest + block
+        cut = block.rfind(b'\n') + 1
+        rest = block[cut:]
+        if cut:
+            yield block[:cut]
+    if rest:
+        yield rest
+
+
+_PARAGRAPH_BREAK = re.compile(r'\n(?:[^\S\n]*\n)+')  # one or more blank (or whitespace-only) lines
+
+
+def read_text_documents(paths, unit, encoding_errors, progress):
+    """The documents of text files: each whole file, each paragraph or each non-blank line."""
+    for path in paths:
+        with open(path, 'rb') as f:
+            if unit == 'file':
+                raw = f.read()
+                progress.update(len(raw))
+                text = decode_utf8(raw, path, encoding_errors).removeprefix('\ufeff')
+                if text.strip():
+                    yield text
+                continue
+            start_byte, start_line, carry = 0, 1, ''
+            for raw in _line_chunks(f):
+                text = decode_utf8(raw, path, encoding_errors, start_byte, start_line)
+                if start_byte == 0:
+                    text = text.removeprefix('\ufeff')
+                start_byte += len(raw)
+                start_line += raw.count(b'\n')
+                progress.update(len(raw))
+                if unit == 'line':
+                    yield from (line for line in text.split('\n') if line and not line.isspace())
+                else:  # the last paragraph may go on in the next chunk
+                    *paragraphs, carry = _PARAGRAPH_BREAK.split(carry + text)
+                    yield from (p for p in paragraphs if p and not p.isspace())
+            if carry and not carry.isspace():
+                yield carry
+
+
+def load_hf_dataset(name, config, split, revision, streaming):
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError('reading a Hugging Face dataset needs the datasets package: pip install datasets') from None
+    what = f"'{name}'" + (f" (config '{config}')" if config else '') + f", split '{split}'"
+    try:
+        if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in
+                                       ('dataset_info.json', 'dataset_dict.json', 'state.json')):
+            ds = datasets.load_from_disk(name)  # a folder written by save_to_disk
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"no split '{split}' (splits: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config or None, split=split, revision=revision or None,
+                                       streaming=streaming)
+    except Exception as e:  # datasets raises many types (not found, offline, bad config or split): all mean this
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise DatasetError(f'cannot load Hugging Face dataset {what}: {lines[0][:300]}; check the name, '
+                           f'--hf_config and --hf_split, or download it first / pass a local folder') from None
+    return ds, what
+
+
+def read_hf_documents(ds, what, column, progress):
+    if ds.column_names is not None and column not in ds.column_names:
+        raise DatasetError(f"Hugging Face dataset {what} has no column '{column}' (columns: "
+                           f"{', '.join(ds.column_names)}): set --hf_text_column")
+    for batch in ds.select_columns([column]).iter(batch_size=1000):
+        texts = batch[column]
+        progress.update(len(texts))
+        for text in texts:
+            if not isinstance(text, str):
+                raise DatasetError(f"column '{column}' of {what} holds {type(text).__name__}, not text: "
+                                   f"set --hf_text_column to a text column")
+            if text and not text.isspace():
+                yield text
+
+
+def batches_of(documents, batch_chars):
+    batch, size = [], 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# --- cleaning and tokenising in worker processes --------------------------------------------------------
+
+_worker = {}  # this process's cleaning options, tokenizer and document separator
+
+
+def init_worker(options, tokenizer):
+    """tokenizer: a Tokenizer, or None to clean only."""
+    _worker.update(options=options, tokenizer=tokenizer)
+    if tokenizer is not None:
+        # documents end with the end-of-text token; kinds without one (char, word) end them with a blank line
+        eot = tokenizer.eot_id is not None
+        _worker['separator'] = np.array([tokenizer.eot_id] if eot else tokenizer.encode('\n\n'), dtype=np.uint32)
+        _worker['dtype'] = token_dtype(tokenizer.vocab_size)  # what goes to disk: half the bytes to send back
+        _worker['separator_bytes'] = 0 if eot else 2
+
+
+def start_worker(options, tokenizer):
+    """tokenizer: a Tokenizer (inherited through fork), its description (spawned workers rebuild it), or None."""
+    # one process per core already: the tokenizers library's own threads would only compete
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+    init_worker(options, load_tokenizer(tokenizer) if isinstance(tokenizer, dict) else tokenizer)
+
+
+def process_batch(docs):
+    """Clean a batch of documents and drop those outside the length range; return a hash and the UTF-8
+    size of each kept document, and either its text (no tokenizer) or its ids, separator included."""
+    options, tokenizer = _worker['options'], _worker['tokenizer']
+    texts, too_short, too_long = [], 0, 0
+    for doc in docs:
+        text = clean(doc, options)
+        if len(text) < options['min_chars']:
+            too_short += 1
+        elif options['max_chars'] and len(text) > options['max_chars']:
+            too_long += 1
+        else:
+            texts.append(text)
+    data = [t.encode('utf-8') for t in texts]
+    hashes = np.array([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), 'little') for b in data],
+                      dtype=np.uint64)
+    result = dict(too_short=too_short, too_long=too_long, hashes=hashes,
+                  bytes=np.fromiter(map(len, data), dtype=np.int64, count=len(data)))
+    if tokenizer is None:
+        result['texts'] = texts
+        return result
+    ids, counts = tokenizer.encode_flat(texts)
+    separator = _worker['separator']
+    ends = np.repeat(np.cumsum(counts), len(separator))  # after each document's last id
+    result['ids'] = np.insert(ids, ends, np.tile(separator, len(counts))).astype(_worker['dtype'], copy=False)
+    result['counts'] = counts + len(separator)
+    result['bytes'] += _worker['separator_bytes']
+    return result
+
+
+def parallel_map(batches, num_workers, options, tokenizer):
+    """process_batch over batches, results in order. A corpus of one batch, or num_workers=1, runs in this
+    process: starting workers would take longer. Otherwise in worker processes started the platform's way:
+    forked on Linux (instantly, inheriting the tokenizer), spawned elsewhere (each rebuilds the tokenizer
+    from its description). At most two batches per worker are in flight: memory stays bounded however fast
+    the input is read."""
+    batches = iter(batches)
+    head = list(itertools.islice(batches, 2))
+    batches = itertools.chain(head, batches)
+    if num_workers == 1 or len(head) < 2:
+        init_worker(options, tokenizer)
+        yield from map(process_batch, batches)
+        return
+    context = multiprocessing.get_context()
+    if context.get_start_method() == 'fork':
+        # without this the tokenizers library warns about the fork (each worker turns its threads off)
+        os.environ.setdefault('TOKENIZERS_PARALLELISM', 'true')
+    elif tokenizer is not None:
+        tokenizer = tokenizer.describe()
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=start_worker, initargs=(options, tokenizer))
+    try:
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.submit(process_batch, batch))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+class Router:
+    """Decides each document's fate: dropped by the workers (too short or too long), dropped here as a
+    duplicate of an earlier one, or sent to train or val by its hash, which makes the split the same
+    whatever the order of the documents, the batches and the workers. Counts what it decided."""
+
+    def __init__(self):
+        self.seen = set()
+        self.val_threshold = np.uint64(int(val_fraction * 2**32))
+        self.read = self.too_short = self.too_long = self.duplicates = 0
+        self.documents = {'train': 0, 'val': 0}
+
+    def __call__(self, result):
+        """Boolean masks over the batch's kept documents: (train, val)."""
+        hashes = result['hashes']
+        self.read += len(hashes) + result['too_short'] + result['too_long']
+        self.too_short += result['too_short']
+        self.too_long += result['too_long']
+        keep = np.ones(len(hashes), dtype=bool)
+        if dedup:
+            seen = self.seen
+            for i, h in enumerate(hashes.tolist()):
+                if h in seen:
+                    keep[i] = False
+                else:
+                    seen.add(h)
+            self.duplicates += int((~keep).sum())
+        is_val = (hashes >> np.uint64(32)) < self.val_threshold  # the upper half: independent of dedup's
+        train, val = keep & ~is_val, keep & is_val
+        self.documents['train'] += int(train.sum())
+        self.documents['val'] += int(val.sum())
+        return train, val
+
+    def dropped(self):
+        return ', '.join(f'{n:,} {why}' for n, why in [
+            (self.too_short, 'empty' if min_chars == 1 else f'shorter than {min_chars} characters'),
+            (self.too_long, f'longer than {max_chars} characters'), (self.duplicates, 'duplicates')] if n) or 'none'
+
+    def check(self, source):
+        """Fail unless both splits have documents."""
+        train, val = self.documents['train'], self.documents['val']
+        if not train + val:
+            fail(f'empty corpus: {source} has no document to train on ({self.read:,} read; dropped {self.dropped()})')
+        if not train or not val:
+            fail(f"no document went to {'val' if train else 'train'}: {train + val:,} documents, val_fraction="
+                 f"{val_fraction}; change --val_fraction, or split the text into more documents "
+                 f"(--document=paragraph or line)")
+
+
+# --- the script -----------------------------------------------------------------------------------------
+
+def default_out_dir():
+    if input:
+        path = os.path.normpath(input)
+        name = os.path.splitext(os.path.basename(path))[0] if os.path.isfile(path) else os.path.basename(path)
+    else:
+        name = os.path.basename(os.path.normpath(hf_dataset)) + (f'_{hf_config}' if hf_config else '')
+    return os.path.join('data', name)
+
+
+def check_settings():
+    if bool(input) == bool(hf_dataset):
+        fail('give the corpus as --input=PATH (a text file or folder) or --hf_dataset=NAME, one of the two')
+    if document not in ('', 'file', 'paragraph', 'line'):
+        fail(f"document={document!r}: use 'file', 'paragraph' or 'line'")
+    if encoding_errors not in ('strict', 'replace', 'ignore'):
+        fail(f"encoding_errors={encoding_errors!r}: use 'strict', 'replace' or 'ignore'")
+    if not 0 < val_fraction < 1:
+        fail(f'val_fraction={val_fraction} must be between 0 and 1')
+    if min_chars < 1 or max_chars < 0 or (max_chars and max_chars < min_chars):
+        fail(f'min_chars={min_chars}, max_chars={max_chars}: need 1 <= min_chars <= max_chars (max_chars=0: no limit)')
+    if num_proc < 0 or batch_mb <= 0 or tokenizer_train_mb < 0:
+        fail('num_proc must be >= 0, batch_mb > 0 and tokenizer_train_mb >= 0')
+    if tokenizer == 'hf' and not tokenizer_name:
+        fail('tokenizer=hf needs --tokenizer_name: a Hugging Face hub name or a local folder')
+
+
+def tokenizer_options():
+    return {'word': dict(vocab_size=vocab_size), 'bpe': dict(vocab_size=vocab_size),
+            'tiktoken': dict(name=tokenizer_name or 'gpt2'),
+            'hf': dict(name=tokenizer_name, gguf_file=gguf_file or None)}.get(tokenizer, {})
+
+
+def peak_memory_mib():
+    """Peak resident memory in MiB of this process and of its largest worker, or None where unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    scale = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    this, worker = (resource.getrusage(who).ru_maxrss * scale / 2**20 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    try:  # Linux: ru_maxrss also counts what the launching process had, when it launched us with vfork
+        with open('/proc/self/status') as f:
+            this = next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmHWM:'))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return this, worker
+
+
+def main(argv=None):
+    config = configure(globals(), argv)
+    check_settings()
+    t0 = time.time()
+    output = out_dir or default_out_dir()
+    if os.path.exists(output) and not os.path.isdir(output):
+        fail(f'out_dir {output} is a file: give a folder')
+    options = dict(clean_wiki=clean_wiki, unescape_html=unescape_html, normalize_whitespace=normalize_whitespace,
+                   min_chars=min_chars, max_chars=max_chars)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    workers = num_proc or cores
+
+    # fail fast on a bad tokenizer: load a fixed one now, try a trained kind's options on a tiny text
+    try:
+        tok = None if tokenizer in _TRAINED_KINDS else make_tokenizer(tokenizer, **tokenizer_options())
+        if tok is None:
+            make_tokenizer(tokenizer, ['ab'], **tokenizer_options())
+    except TokenizerError as e:
+        fail(e)
+
+    # the documents, read afresh by each pass
+    if input:
+        try:
+            files = input_files(input, input_glob)
+        except DatasetError as e:
+            fail(e)
+        unit = document or ('file' if os.path.isdir(input) else 'paragraph')
+        source = f'{input} ({len(files)} file{"s" * (len(files) > 1)}, one document per {unit})'
+        total, bar_unit = sum(os.path.getsize(f) for f in files), 'B'
+
+        def documents(progress):
+            return read_text_documents(files, unit, encoding_errors, progress)
+    else:
+        try:
+            ds, what = load_hf_dataset(hf_dataset, hf_config, hf_split, hf_revision, hf_streaming)
+        except DatasetError as e:
+            fail(e)
+        source = f'Hugging Face dataset {what}'
+        total, bar_unit = (None if hf_streaming else len(ds)), ' docs'
+
+        def documents(progress):
+            return read_hf_documents(ds, what, hf_text_column, progress)
+
+    def batches(progress):
+        return batches_of(documents(progress), int(batch_mb * 1e6))
+
+    def progress_bar(description):
+        return tqdm(total=total, unit=bar_unit, unit_scale=True, desc=description, dynamic_ncols=True)
+
+    print(f'preparing {source} -> {output} (up to {workers} worker process{"es" * (workers > 1)})')
+    created = not os.path.isdir(output)
+    os.makedirs(output, exist_ok=True)
+    done = False
+    try:
+        # 1. train the tokenizer on the train documents (char: on all, so val has no unknown characters)
+        if tok is None:
+            route = Router()
+            limit = tokenizer_train_mb * 1e6 if tokenizer != 'char' else 0
+            trained_on = [0]  # bytes
+
+            def training_texts():
+                with progress_bar(f'reading for the {tokenizer} tokenizer') as progress:
+                    for result in parallel_map(batches(progress), workers, options, None):
+                        train, val = route(result)
+                        use = train | val if tokenizer == 'char' else train
+                        for text, size in zip(itertools.compress(result['texts'], use), result['bytes'][use]):
+                            trained_on[0] += int(size)
+                            yield text
+                        if limit and trained_on[0] >= limit:
+                            break
+                if tokenizer in ('char', 'word'):
+                    yield '\n\n'  # their document separator
+
+            t1 = time.time()
+            tok = make_tokenizer(tokenizer, training_texts(), **tokenizer_options())
+            if not limit or not trained_on[0]:  # (a limit stops the pass early: the counts are partial)
+                route.check(source)
+            print(f'trained a {tokenizer} tokenizer of {tok.vocab_size:,} tokens on {trained_on[0] / 1e6:,.1f} MB '
+                  f'in {time.time() - t1:.1f}s')
+
+        # 2. clean, tokenise, route, write
+        dtype = token_dtype(tok.vocab_size)
+        route = Router()
+        size = {'train': 0, 'val': 0}  # UTF-8 bytes
+        with SplitWriter(output, 'train', dtype) as train_writer, SplitWriter(output, 'val', dtype) as val_writer:
+            writers = {'train': train_writer, 'val': val_writer}
+            with progress_bar('tokenizing') as progress:
+                for result in parallel_map(batches(progress), workers, options, tok):
+                    for split, docs in zip(('train', 'val'), route(result)):
+                        if docs.any():
+                            ids = result['ids'] if docs.all() else result['ids'][np.repeat(docs, result['counts'])]
+                            writers[split].write(ids)
+                            size[split] += int(result['bytes'][docs].sum())
+            route.check(source)
+            train_writer.commit()
+            val_writer.commit()
+        tokens = {split: w.tokens for split, w in writers.items()}
+        meta = save_meta(output, tok, train_tokens=tokens['train'], val_tokens=tokens['val'],
+                         # val's: train.py turns val loss into bits per byte with it
+                         bytes_per_token=size['val'] / tokens['val'],
+                         train_documents=route.documents['train'], val_documents=route.documents['val'],
+                         train_bytes=size['train'], val_bytes=size['val'], source=source, prepare_config=config)
+        done = True
+    except (DatasetError, TokenizerError) as e:
+        fail(e)
+    except BrokenProcessPool:
+        fail('a worker process died (out of memory?): try a smaller --num_proc or --batch_mb')
+    except KeyboardInterrupt:
+        fail('interrupted: nothing was written')
+    finally:
+        if not done and created and os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)
+
+    documents = route.documents
+    print(f"documents: {route.read:,} read, {documents['train'] + documents['val']:,} kept ({documents['train']:,} "
+          f"train, {documents['val']:,} val); dropped {route.dropped()}")
+    print(f"tokens: {tokens['train']:,} train, {tokens['val']:,} val ({meta['dtype']}); vocabulary "
+          f"{tok.vocab_size:,}; {meta['bytes_per_token']:.2f} bytes per token")
+    memory = peak_memory_mib()
+    memory = f'; peak memory {memory[0]:,.0f} MiB (largest worker {memory[1]:,.0f} MiB)' if memory else ''
+    elapsed = time.time() - t0
+    print(f"wrote {output}/train.bin, val.bin, meta.json in {elapsed:.1f}s "
+          f"({(size['train'] + size['val']) / 1e6 / elapsed:.1f} MB/s){memory}")
+    if tokens['val'] < 1024:
+        print(f"note: val holds only {tokens['val']:,} tokens: train with a --block_size below that, or raise --val_fraction")
+    name = os.path.basename(os.path.normpath(output))
+    in_data = os.path.normpath(output) == os.path.join('data', name)  # train.py looks there first
+    print(f'train on it: python train.py --dataset={name if in_data else output}')
+
+
+if __name__ == '__main__':
+    main()
