@@ -23,11 +23,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint
+import checkpoint
+from checkpoint import CheckpointError
 from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, decode_utf8, load_meta, open_split, sample_windows
-from generate import load_inference_model, resolve_device, resolve_dtype
-from hf_gpt2 import GPT2_NAMES, HFError, tokenizers_match
+from generate import is_hf_model, load_inference_model, resolve_device, resolve_dtype
+from hf_gpt2 import HFError, tokenizers_match
 from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -70,23 +71,25 @@ if not entries:
     fail('no model given: pass --out_dir=FOLDER or --init_from=gpt2')
 
 
-def is_hf(entry):
-    return entry in GPT2_NAMES or (os.path.isdir(entry) and not os.path.exists(os.path.join(entry, CHECKPOINT_NAME))
-                                   and os.path.exists(os.path.join(entry, 'config.json')))
+def is_ours(entry):
+    """Whether entry is a checkpoint of train.py (else GPT-2 weights through transformers)."""
+    if is_hf_model(entry):
+        return False
+    return init_from == 'resume' or os.path.exists(os.path.join(entry, checkpoint.CHECKPOINT_NAME))
 
 
 if not text and not dataset:
     for entry in entries:
-        if is_hf(entry):
+        if not is_ours(entry):
             fail(f'{entry} was not trained here, so it has no dataset of its own: pass --dataset=NAME or --text=FILE')
 
 
 def load(entry):
     """(model, tokenizer, the checkpoint's JSON or None) of one table entry."""
-    hf = is_hf(entry)
+    ours = is_ours(entry)
     try:
-        model, description = load_inference_model(entry, device=device) if hf else load_inference_model('resume', entry, device)
-        ckpt = None if hf else read_checkpoint(entry)
+        model, description = load_inference_model('resume' if ours else entry, entry, device)
+        ckpt = checkpoint.read_checkpoint(entry) if ours else None
     except (CheckpointError, HFError) as e:
         fail(e)
     if description is None:

@@ -172,6 +172,7 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, repet
     return sorted(hypotheses, key=lambda h: -h[0])
 
 
+@torch.no_grad()
 def sequence_score(model, idx, tokens, length_penalty=1.0):
     """The beam score of continuing idx (1, T) by tokens, from one plain forward pass (T + len(tokens)
     must fit block_size): a reference for beam_search."""
@@ -296,16 +297,24 @@ def resolve_dtype(name, device):
     return 'float32'
 
 
+def is_hf_model(source):
+    """Whether source names GPT-2 weights to load through transformers: a GPT-2 name, or a folder with a
+    Hugging Face config.json and none of our checkpoint.json."""
+    from checkpoint import CHECKPOINT_NAME
+    from hf_gpt2 import GPT2_NAMES
+    return source in GPT2_NAMES or (os.path.isdir(source) and os.path.exists(os.path.join(source, 'config.json'))
+                                    and not os.path.exists(os.path.join(source, CHECKPOINT_NAME)))
+
+
 def load_inference_model(init_from, out_dir='out', device='cpu'):
     """The model to sample from or evaluate, and its tokenizer's description (None if it has none).
     init_from: 'resume' (the checkpoint in out_dir), a GPT-2 name (gpt2, gpt2-medium, gpt2-large,
     gpt2-xl), a Hugging Face GPT-2 folder, or a checkpoint folder. Raises CheckpointError or HFError."""
     import checkpoint
     import hf_gpt2
-    source = out_dir if init_from == 'resume' else init_from
-    if init_from != 'resume' and (init_from in hf_gpt2.GPT2_NAMES or not os.path.exists(
-            os.path.join(init_from, checkpoint.CHECKPOINT_NAME))):
-        model, description = hf_gpt2.load_gpt2(source)
-        return model.to(device), description
-    model, ckpt = checkpoint.load_model(source, device)
-    return model, ckpt.get('tokenizer')
+    if init_from == 'resume' or (os.path.exists(os.path.join(init_from, checkpoint.CHECKPOINT_NAME))
+                                 and not is_hf_model(init_from)):
+        model, ckpt = checkpoint.load_model(out_dir if init_from == 'resume' else init_from, device)
+        return model, ckpt.get('tokenizer')
+    model, description = hf_gpt2.load_gpt2(init_from)  # its errors say what init_from should be
+    return model.to(device), description

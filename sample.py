@@ -65,7 +65,6 @@ def unescape(text):
 # split on the | that are not escaped, then unescape each stop string
 stop_strings = [unescape(s) for s in re.split(r'(?<!\\)\|', stop)] if stop else []
 
-torch.manual_seed(seed)
 device = resolve_device(device)
 dtype = resolve_dtype(dtype, device)
 try:
@@ -79,6 +78,7 @@ try:
 except TokenizerError as e:
     fail(e)
 model.eval()
+torch.manual_seed(seed)  # after loading: the samples depend on the seed, not on how the model was built
 # mixed precision as in training: float32 weights (and rotary tables), matmuls in bfloat16/float16
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
