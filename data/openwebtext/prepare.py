@@ -1,5 +1,5 @@
 """
-OpenWebText (Skylion007/openwebtext on the Hugging Face hub: 8M web pages, ~38 GB of text) with GPT-2's
+OpenWebText (Skylion007/openwebtext on the Hugging Face hub: 8M web pages, ~40 GB of text) with GPT-2's
 BPE, as in nanoGPT: about 9B train tokens, each document ended by <|endoftext|> (id 50256).
 
     python data/openwebtext/prepare.py              # or --num_proc=8; any prepare.py setting works here
