@@ -157,6 +157,7 @@ def read_text(input_path, url, cache_path, encoding_errors='strict'):
         except OSError as e:
             raise DatasetError(f'cannot download {url} ({e}); download it yourself to {cache_path}, '
                                f'or pass --input=PATH to use a local text file') from None
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         atomic_write_bytes(cache_path, lambda f: f.write(data))
     if not os.path.isfile(path):
         raise DatasetError(f'input file {path} not found')

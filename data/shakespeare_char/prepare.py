@@ -21,7 +21,6 @@ encoding_errors = 'strict'  # 'replace' turns bytes that are not UTF-8 into U+FF
 out_dir = HERE  # where train.bin, val.bin and meta.json go
 url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 configure(globals())
-os.makedirs(out_dir, exist_ok=True)
 
 t0 = time.time()
 try:
@@ -31,6 +30,7 @@ except DatasetError as e:
 if not text:
     fail(f'{input or "input.txt"} is empty: nothing to train on')
 print(f'length of dataset in characters: {len(text):,}')
+os.makedirs(out_dir, exist_ok=True)
 
 tokenizer = make_tokenizer('char', [text])
 print(f'vocab size: {tokenizer.vocab_size:,}')
