@@ -116,10 +116,11 @@ def _load_tensors(path, device):
         raise CheckpointError(f'cannot read {path}: {e}') from None
 
 
-def load_model(out_dir, device='cpu'):
-    """Rebuild the model saved in out_dir. Returns (model, checkpoint JSON)."""
+def load_model(out_dir, device='cpu', **overrides):
+    """Rebuild the model saved in out_dir, with any GPTConfig fields in overrides changed (dropout, when
+    resuming with another). Returns (model, checkpoint JSON)."""
     ckpt = read_checkpoint(out_dir)
-    model = GPT(GPTConfig(**ckpt['model_args']))
+    model = GPT(GPTConfig(**{**ckpt['model_args'], **overrides}))
     state = _load_tensors(os.path.join(out_dir, ckpt['model_file']), 'cpu')
     missing, unexpected = model.load_state_dict(state, strict=False)
     if model.config.tie_weights:

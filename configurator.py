@@ -140,7 +140,10 @@ def configure(namespace, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: namespace[k] for k in config_keys(namespace)}
     if any(a in ('-h', '--help') for a in argv):
-        print(help_text(namespace, defaults))
+        try:
+            print(help_text(namespace, defaults))
+        except BrokenPipeError:  # --help | head
+            pass
         sys.exit(0)
     try:
         config = apply_config(defaults, argv)

@@ -18,7 +18,6 @@ the UTF-8 bytes the scored tokens decode to, so models with different tokenizers
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -27,8 +26,9 @@ import checkpoint
 from checkpoint import CheckpointError
 from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, decode_utf8, load_meta, open_split, sample_windows
-from generate import is_hf_model, load_inference_model, resolve_device, resolve_dtype
+from generate import is_hf_model, load_inference_model
 from hf_gpt2 import HFError, tokenizers_match
+from runtime import autocast, resolve_device, resolve_dtype
 from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -57,14 +57,13 @@ if text and train_batches:
     fail('train_batches draws from a dataset split: it cannot be combined with --text')
 if batch_size < 1 or block_size < 0 or max_tokens < 0 or eval_iters < 0:
     fail('batch_size must be at least 1; block_size, max_tokens and eval_iters must not be negative')
-if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
 device = resolve_device(device)
-dtype = resolve_dtype(dtype, device)
-device_type = device.split(':')[0]
+try:
+    dtype = resolve_dtype(dtype, device)
+except ValueError as e:
+    fail(e)
 # the same precision handling as train.py, so train_batches reproduces its numbers on the same device
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+ctx = autocast(device, dtype)
 
 entries = [e.strip() for e in (out_dir if init_from == 'resume' else init_from).split(',') if e.strip()]
 if not entries:

@@ -277,26 +277,6 @@ def _completion(tokenizer, prompt_ids, tokens, prompt_text):
 
 # ---------------------------------------------------------------------------- loading a model to run
 
-def resolve_device(name):
-    """'auto' is the best device here: cuda, then mps, then cpu."""
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
-def resolve_dtype(name, device):
-    """'auto' is bfloat16 on GPUs that have it, else float16 on CUDA, float32 elsewhere."""
-    if name != 'auto':
-        return name
-    if device.startswith('cuda'):
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    return 'float32'
-
-
 def is_hf_model(source):
     """Whether source names GPT-2 weights to load through transformers: a GPT-2 name, or a folder with a
     Hugging Face config.json and none of our checkpoint.json."""

@@ -14,14 +14,14 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 from checkpoint import CheckpointError
 from configurator import configure, fail
-from generate import check_controls, generate_text, load_inference_model, resolve_device, resolve_dtype
+from generate import check_controls, generate_text, load_inference_model
 from hf_gpt2 import HFError
+from runtime import autocast, resolve_device, resolve_dtype
 from tokenizer import TokenizerError, UnknownCharactersError, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -53,8 +53,6 @@ try:
                    max_new_tokens, num_samples)
 except ValueError as e:
     fail(e)
-if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
 
 
 def unescape(text):
@@ -66,7 +64,10 @@ def unescape(text):
 stop_strings = [unescape(s) for s in re.split(r'(?<!\\)\|', stop)] if stop else []
 
 device = resolve_device(device)
-dtype = resolve_dtype(dtype, device)
+try:
+    dtype = resolve_dtype(dtype, device)
+except ValueError as e:
+    fail(e)
 try:
     model, tokenizer_description = load_inference_model(init_from, out_dir, device)
 except (CheckpointError, HFError) as e:
@@ -80,8 +81,7 @@ except TokenizerError as e:
 model.eval()
 torch.manual_seed(seed)  # after loading: the samples depend on the seed, not on how the model was built
 # mixed precision as in training: float32 weights (and rotary tables), matmuls in bfloat16/float16
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
+ctx = autocast(device, dtype)
 if compile:
     model = torch.compile(model)
 block_size = model.config.block_size

@@ -14,7 +14,6 @@ Distributed data parallel on 4 GPUs of one node, or on 2 nodes of 8 GPUs each:
 import dataclasses
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -23,11 +22,12 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, load_model, load_training_state, read_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_model, load_training_state, save_checkpoint
 from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError, load_gpt2, tokenizer_name, tokenizers_match
 from model import GPT, GPTConfig
+from runtime import autocast, peak_flops, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText
@@ -89,28 +89,8 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 
 
-def resolve_device(name):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
-def resolve_dtype(name, device_type):
-    if name != 'auto':
-        return name
-    if device_type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    return 'float32'
-
-
 if init_from not in ('scratch', 'resume') and init_from not in GPT2_NAMES and not os.path.isdir(init_from):
     fail(f"init_from={init_from!r}: use 'scratch', 'resume', {', '.join(GPT2_NAMES)} or a Hugging Face GPT-2 folder")
-if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
 if compile not in (None, True, False):
     fail(f'compile={compile!r}: use True, False or None (on for CUDA only)')
 if optimizer not in ('adamw', 'muon'):
@@ -147,9 +127,11 @@ if threads:
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'  # for later use in torch.autocast
-dtype = resolve_dtype(dtype, device_type)
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+try:
+    dtype = resolve_dtype(dtype, device)
+except ValueError as e:
+    fail(e)
+ctx = autocast(device, dtype)
 compile = device_type == 'cuda' if compile is None else compile
 
 # data: token memmaps and the tokenizer that made them
@@ -215,17 +197,16 @@ else:
     if master_process:
         print(f'Resuming training from {out_dir}')
     try:
-        model, checkpoint = load_model(out_dir)
+        model, checkpoint = load_model(out_dir, dropout=dropout)
     except CheckpointError as e:
         fail(e)
     if checkpoint.get('tokenizer') != meta['tokenizer']:
         fail(f'the checkpoint in {out_dir} was trained with another tokenizer than the dataset {data_dir}: resume on the dataset it was trained on')
     # the checkpoint's architecture wins over the command line; dropout may be changed on resume
-    model_args = dict(checkpoint['model_args'])
+    model_args = dict(checkpoint['model_args'], dropout=dropout)
     saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
     if saved_optimizer != optimizer:
         fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
-    model.config.dropout = dropout
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
 model.to(device)
@@ -292,22 +273,12 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def peak_flops():
-    """The device's dense bf16 peak, for MFU; None where it is not known (CPU)."""
-    if device_type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
-    table = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'A100': 312e12,
-             'L40S': 362e12, 'A10': 125e12, '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
-    return next((flops for key, flops in table.items() if key in name), None)
-
-
 # logging
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-device_peak = peak_flops()
+device_peak = peak_flops(device)
 if master_process:
     peak_text = f', device peak {device_peak / 1e12:.0f} TFLOP/s' if device_peak else ''
     print(f'{raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.flops_per_token():,} training FLOPs per token{peak_text}')
