@@ -175,3 +175,18 @@ def decode_utf8(raw, path, encoding_errors='strict', start_byte=0, start_line=1)
         raise DatasetError(f'{path} is not UTF-8: byte {start_byte + e.start} (line {line}) is '
                            f'{raw[e.start:e.start + 1]!r}; convert it, or pass --encoding_errors=replace '
                            f'to replace bad bytes') from None
+
+
+def write_text_dataset(out_dir, tokenizer, text, val_fraction=0.1):
+    """The simplest dataset: one text, its first (1 - val_fraction) for train and the rest for val,
+    tokenised as one document each. Prints and returns the meta."""
+    n = int((1 - val_fraction) * len(text))
+    ids = {'train': tokenizer.encode(text[:n]), 'val': tokenizer.encode(text[n:])}
+    dtype = token_dtype(tokenizer.vocab_size)
+    os.makedirs(out_dir, exist_ok=True)
+    for split, split_ids in ids.items():
+        print(f'{split} has {len(split_ids):,} tokens')
+        write_split(out_dir, split, split_ids, dtype)
+    n_tokens = len(ids['train']) + len(ids['val'])
+    return save_meta(out_dir, tokenizer, train_tokens=len(ids['train']), val_tokens=len(ids['val']),
+                     bytes_per_token=len(text.encode('utf-8')) / max(1, n_tokens))

@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for its modules
 
 from configurator import configure, fail  # noqa: E402
-from dataset import DatasetError, read_text, save_meta, token_dtype, write_split  # noqa: E402
+from dataset import DatasetError, read_text, write_text_dataset  # noqa: E402
 from tokenizer import TokenizerError, make_tokenizer  # noqa: E402
 
 input = ''  # a local text file to use instead of downloading Tiny Shakespeare
@@ -28,21 +28,12 @@ configure(globals())
 t0 = time.time()
 try:
     tokenizer = make_tokenizer('tiktoken', name='gpt2')  # before the download: fail fast offline
-    text = read_text(input, url, os.path.join(HERE, 'input.txt'), encoding_errors)
+    text = read_text(input, url, os.path.join(out_dir, 'input.txt'), encoding_errors)
 except (DatasetError, TokenizerError) as e:
     fail(e)
 if not text:
     fail(f'{input or "input.txt"} is empty: nothing to train on')
 print(f'length of dataset in characters: {len(text):,}')
 
-n = int(0.9 * len(text))
-splits = {'train': text[:n], 'val': text[n:]}
-ids = {split: tokenizer.encode(part) for split, part in splits.items()}  # one document: no end-of-text
-dtype = token_dtype(tokenizer.vocab_size)
-os.makedirs(out_dir, exist_ok=True)
-for split, split_ids in ids.items():
-    print(f'{split} has {len(split_ids):,} tokens')
-    write_split(out_dir, split, split_ids, dtype)
-save_meta(out_dir, tokenizer, train_tokens=len(ids['train']), val_tokens=len(ids['val']),
-          bytes_per_token=len(splits['val'].encode('utf-8')) / len(ids['val']))
+write_text_dataset(out_dir, tokenizer, text)
 print(f'wrote {out_dir}/train.bin, val.bin and meta.json in {time.time() - t0:.1f}s')

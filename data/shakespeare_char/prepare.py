@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for its modules
 
 from configurator import configure, fail  # noqa: E402
-from dataset import DatasetError, read_text, save_meta, token_dtype, write_split  # noqa: E402
+from dataset import DatasetError, read_text, write_text_dataset  # noqa: E402
 from tokenizer import make_tokenizer  # noqa: E402
 
 input = ''  # a local text file to use instead of downloading Tiny Shakespeare
@@ -30,16 +30,8 @@ except DatasetError as e:
 if not text:
     fail(f'{input or "input.txt"} is empty: nothing to train on')
 print(f'length of dataset in characters: {len(text):,}')
-os.makedirs(out_dir, exist_ok=True)
 
 tokenizer = make_tokenizer('char', [text])
 print(f'vocab size: {tokenizer.vocab_size:,}')
-n = int(0.9 * len(text))
-dtype = token_dtype(tokenizer.vocab_size)
-ids = {'train': tokenizer.encode(text[:n]), 'val': tokenizer.encode(text[n:])}
-for split, split_ids in ids.items():
-    print(f'{split} has {len(split_ids):,} tokens')
-    write_split(out_dir, split, split_ids, dtype)
-save_meta(out_dir, tokenizer, train_tokens=len(ids['train']), val_tokens=len(ids['val']),
-          bytes_per_token=len(text.encode('utf-8')) / len(text))
+write_text_dataset(out_dir, tokenizer, text)
 print(f'wrote {out_dir}/train.bin, val.bin and meta.json in {time.time() - t0:.1f}s')
