@@ -187,6 +187,6 @@ def write_text_dataset(out_dir, tokenizer, text, val_fraction=0.1):
     for split, split_ids in ids.items():
         print(f'{split} has {len(split_ids):,} tokens')
         write_split(out_dir, split, split_ids, dtype)
-    n_tokens = len(ids['train']) + len(ids['val'])
+    # measured on val, the split whose loss the logs convert to bits per byte
     return save_meta(out_dir, tokenizer, train_tokens=len(ids['train']), val_tokens=len(ids['val']),
-                     bytes_per_token=len(text.encode('utf-8')) / max(1, n_tokens))
+                     bytes_per_token=len(text[n:].encode('utf-8')) / max(1, len(ids['val'])))
