@@ -6,14 +6,16 @@ Benchmark training runs, alone or two side by side:
     python bench.py config/gpt2_124m_speedrun.py --steps=50
 
 Each run is `python train.py <config files> <--key=value ...>` in a fresh process, timed from its launch,
-so the wall time to the target val loss counts everything a user waits for: start-up, data, compilation,
-evaluations and checkpoints. A run stops at the first evaluation whose val loss reaches the target. With
---vs the two sides alternate (A, B, A, B, ...), so load from elsewhere on a shared machine falls on both
-alike; the summary gives each figure's median over the runs and the ratio B / A.
+so the wall time to the target val loss (taken when train.py prints that evaluation) counts everything a
+user waits for: start-up, data, compilation, evaluations and checkpoints. Every run gets the target as
+--target_val_loss, so it stops there. With --vs the two sides alternate (A, B, A, B, ...), so load from
+elsewhere on a shared machine falls on both alike; the summary gives each figure's median over the runs
+and the ratio B / A.
 
-Figures: wall time to the target; ms per iteration and tokens per second (medians over the logged
-iterations, so evaluation pauses and compilation do not count); MFU against the device's peak bf16 rate
-(GPU only); peak memory (GPU memory allocated, or on a CPU the process's peak resident memory).
+Figures: wall time to the target; ms per iteration and tokens per second (medians over the iterations,
+each logged unless --log_interval is given, so evaluation pauses and compilation do not count); MFU
+against the device's peak bf16 rate (GPU only); peak memory (GPU memory allocated, or on a CPU the
+process's peak resident memory).
 
 bench options (every other argument goes to train.py: before --vs to A, after it to B):
   --runs=N      runs of each side (default: 3 with --vs, else 1)
@@ -76,10 +78,15 @@ def parse_args(argv):
 
 
 def run_train(args, target=None, steps=None, python=sys.executable):
-    """Run train.py once with args; return its figures as a dict. Stops the run at the first
-    evaluation with val loss <= target (or the target_val_loss the run itself reports)."""
+    """Run train.py once with args; return its figures and log lines as a dict. With a target, the
+    run stops at its first evaluation with val loss <= target; without one, at the target_val_loss its
+    own config sets, if any (the run reports it)."""
     out_dir = tempfile.mkdtemp(prefix='bench-')
     cmd = [python, TRAIN, *args, f'--out_dir={out_dir}']
+    if not any(a.startswith('--log_interval=') for a in args):
+        # a timing for every iteration; on a GPU also a sync per iteration, without which a logged
+        # iteration's time would include the queued work of the unlogged ones before it
+        cmd.append('--log_interval=1')
     if steps is not None:
         cmd.append(f'--max_iters={steps}')
     if target is not None:
@@ -90,7 +97,6 @@ def run_train(args, target=None, steps=None, python=sys.executable):
                peak_flops=None, peak_memory_mib=None, memory_kind=None, lines=[])
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    stopped = False
     for line in proc.stdout:
         now = time.perf_counter() - start
         line = line.rstrip('\n')
@@ -100,11 +106,6 @@ def run_train(args, target=None, steps=None, python=sys.executable):
         elif m := EVAL_RE.match(line):
             step, val_loss = int(m[1]), float(m[3])
             run['evals'].append((step, val_loss, now))
-            if run['target'] and val_loss <= run['target'] and run['time_to_target'] is None:
-                run['time_to_target'], run['target_step'], run['target_val_loss'] = now, step, val_loss
-                if not stopped:  # the finish line: what comes after it is not part of the race
-                    proc.terminate()
-                    stopped = True
         elif m := TOKENS_RE.match(line):
             run['tokens_per_iter'] = int(m[1].replace(',', ''))
         elif m := FLOPS_RE.search(line):
@@ -118,7 +119,7 @@ def run_train(args, target=None, steps=None, python=sys.executable):
     run['wall'] = time.perf_counter() - start
     if run['memory_kind'] is None and max_rss_mib is not None:
         run['peak_memory_mib'], run['memory_kind'] = max_rss_mib, 'RSS'
-    run['returncode'] = 0 if stopped else returncode
+    run['returncode'] = returncode
     shutil.rmtree(out_dir, ignore_errors=True)
     find_target(run, run['target'])  # a target_val_loss the run itself reports only when it stops
     return run

@@ -306,3 +306,16 @@ def test_muon_under_ddp_stops_every_process_at_the_target(char_dataset, tmp_path
     assert f'reached target val loss 3.0 at step {stop}' in proc.stdout
     ckpt, _ = final_weights(out)
     assert ckpt['iter_num'] == stop and ckpt['config']['optimizer'] == 'muon'
+
+
+@pytest.mark.parametrize('config', ['shakespeare_char_cpu_speedrun.py', 'shakespeare_char_speedrun.py',
+                                    'gpt2_124m_speedrun.py'])
+def test_speedrun_configs_train(config, char_dataset, tmp_path):
+    """Every key in the speedrun configs exists and has the right type, and their switches train together
+    (shrunk to a few CPU steps here; GPU figures come from bench.py on a GPU)."""
+    proc = run('train.py', f'config/{config}', f'--dataset={char_dataset}', f'--out_dir={tmp_path}', '--device=cpu',
+               '--compile=False', '--dtype=float32', '--batch_size=4', '--block_size=32', '--n_layer=1',
+               '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4', '--eval_iters=1')
+    assert 'step 4:' in proc.stdout
+    ckpt, _ = final_weights(tmp_path)
+    assert ckpt['config']['optimizer'] == 'muon' and ckpt['model_args']['position'] == 'rotary'
