@@ -79,3 +79,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def hub_offline():
+    """No Hugging Face hub access. huggingface_hub reads HF_HUB_OFFLINE once, at import: set both the
+    variable and its constant."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('HF_HUB_OFFLINE', '1')
+        import huggingface_hub.constants
+        mp.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+        yield

@@ -36,16 +36,6 @@ def reload(tok):
 
 
 @pytest.fixture(scope='module')
-def hub_offline():
-    # huggingface_hub reads HF_HUB_OFFLINE once at import: set both the variable and its constant
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('HF_HUB_OFFLINE', '1')
-        import huggingface_hub.constants
-        mp.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-        yield
-
-
-@pytest.fixture(scope='module')
 def char_tok():
     return make_tokenizer('char', MULTILINGUAL)
 
