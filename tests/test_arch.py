@@ -314,7 +314,7 @@ def test_speedrun_configs_train(config, char_dataset, tmp_path):
     """Every key in the speedrun configs exists and has the right type, and their switches train together
     (shrunk to a few CPU steps here; GPU figures come from bench.py on a GPU)."""
     proc = run('train.py', f'config/{config}', f'--dataset={char_dataset}', f'--out_dir={tmp_path}', '--device=cpu',
-               '--compile=False', '--dtype=float32', '--batch_size=4', '--block_size=32', '--n_layer=1',
+               '--compile=False', '--dtype=float32', '--batch_size=4', '--block_size=32', '--n_layer=1', '--n_head=2', '--n_embd=64',
                '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4', '--eval_iters=1')
     assert 'step 4:' in proc.stdout
     ckpt, _ = final_weights(tmp_path)
