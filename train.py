@@ -295,8 +295,9 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = param_group['initial_lr'] * lr_factor
 
-    # evaluate the loss on train/val sets and write checkpoints (not again right after a resume)
-    evaluate = (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != 'resume')
+    # evaluate the loss on train/val sets and write checkpoints (not again right after a resume, unless asked)
+    evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
+                             and (iter_num != start_iter or init_from != 'resume'))
     reached_target = False
     if evaluate and master_process:
         losses = estimate_loss()
@@ -306,7 +307,7 @@ while True:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * learning_rate, 'mfu': running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0:
+            if iter_num > 0 and not eval_only:
                 print(f'saving checkpoint to {out_dir}')
                 save_checkpoint(out_dir, raw_model, optimizer, iter_num, best_val_loss, model_args, config,
                                 meta['tokenizer'], dict(data_rng=batch_rng_state, scaler=scaler.state_dict()))
@@ -320,7 +321,7 @@ while True:
         reached_target = bool(flag.item())
     if reached_target:
         break
-    if iter_num == 0 and eval_only:
+    if eval_only:
         break
     if iter_num >= max_iters:
         break

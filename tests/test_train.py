@@ -127,3 +127,13 @@ def test_prepare_rejects_empty_and_non_utf8_text(tmp_path):
     assert_clean_error(proc, 'not UTF-8', 'line 2', '--encoding_errors=replace')
     run('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', '--encoding_errors=replace')
     assert '\ufffd' in load_meta(tmp_path / 'b')['tokenizer']['chars']
+
+
+def test_eval_only_evaluates_a_resumed_checkpoint_without_training(char_dataset, tmp_path):
+    out = tmp_path / 'out'
+    train(char_dataset, out, '--max_iters=10', '--eval_interval=10')
+    before = (out / 'checkpoint.json').read_text()
+    proc = train(char_dataset, out, '--init_from=resume', '--eval_only=True', '--max_iters=20')
+    [loss] = val_losses(proc.stdout)  # printed to 4 decimals: the same batches give the saved val loss
+    assert abs(loss - json.loads(before)['best_val_loss']) < 1e-4 and 'iter 11' not in proc.stdout
+    assert (out / 'checkpoint.json').read_text() == before
