@@ -270,6 +270,19 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
+    @torch.no_grad()
+    def use_decoding_layout(self):
+        """Store every wide CPU weight matrix (more outputs than inputs: c_attn, c_fc, a large-vocabulary head)
+        transposed in memory. Values, shapes and results are unchanged, but a one-token step multiplies a
+        vector by the contiguous (in, out) matrix, whose long rows stream from memory about 1.7x faster on
+        CPU (decoding is bound by reading the weights; see bench_sample.py). Training is unaffected.
+        Called by Decoder; a no-op once done, and on GPUs."""
+        with torch.inference_mode(False):  # generation runs in inference mode; weights must stay trainable
+            for module in self.modules():
+                w = module.weight if isinstance(module, nn.Linear) else None
+                if w is not None and w.device.type == 'cpu' and w.size(0) > w.size(1) and w.is_contiguous():
+                    w.data = w.data.t().contiguous().t()
+
     def crop_block_size(self, block_size):
         """Shrink the context, e.g. to fine-tune GPT-2 (1024) with a smaller block."""
         assert block_size <= self.config.block_size
@@ -319,7 +332,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
                  num_beams=1, length_penalty=1.0, eot_id=None, use_cache=True):
         """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
@@ -364,12 +377,14 @@ class Decoder:
 
     def __init__(self, model, idx, use_cache=True):
         self.model, self.seq, self.use_cache = model, idx, use_cache
+        if not model.training:
+            model.use_decoding_layout()
         self.block = model.config.block_size
         self.start = max(0, idx.size(1) - self.block)  # a long prompt keeps its last block_size tokens
         self.cache = None
         self.fresh = idx.size(1)  # tokens not yet fed through the model
 
-    @torch.no_grad()
+    @torch.inference_mode()  # a little cheaper per step than no_grad
     def next_logits(self):
         if self.seq.size(1) - self.start > self.block:
             self.start = self.seq.size(1) - self.block // 2

@@ -1,6 +1,7 @@
 """Decoding: the KV cache against plain forward passes (also past block_size), each sampling control
 against what it promises, beam search against greedy and against exhaustive scoring, and text-level
 stop strings / end-of-text / streaming."""
+import copy
 import math
 from types import SimpleNamespace
 
@@ -55,6 +56,32 @@ def test_cache_logits_equal_no_cache_and_plain_forward_past_block_size(overrides
     without = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
     assert torch.equal(with_cache, seq)
+
+
+def test_decoding_layout_changes_memory_order_only():
+    """Decoder stores the wide matrices transposed in memory (model.use_decoding_layout): the values, the
+    logits, and training afterwards stay what they were; only the memory order of those matrices changes."""
+    model = tiny_gpt(tie_weights=True)  # a tied head of 48 x 32 is wide, and is the embedding too
+    reference = copy.deepcopy(model)
+    prompt = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(3))
+    model.generate(prompt, 4, temperature=0)
+    block = model.transformer.h[0]
+    for wide in (block.attn.c_attn.weight, block.mlp.c_fc.weight, model.lm_head.weight):
+        assert not wide.is_contiguous() and wide.t().is_contiguous()
+    assert block.attn.c_proj.weight.is_contiguous() and block.mlp.c_proj.weight.is_contiguous()  # not wide
+    assert model.transformer.wte.weight is model.lm_head.weight
+    after, before = model.state_dict(), reference.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    torch.testing.assert_close(model(prompt)[0], reference(prompt)[0], atol=1e-6, rtol=1e-6)
+    # a training step from here matches one from the untouched copy
+    targets = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(4))
+    for m in (model, reference):
+        m.train()
+        optimizer = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+        m(prompt, targets)[1].backward()
+        optimizer.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
 
 
 def test_rows_of_a_batch_are_independent():
