@@ -61,7 +61,7 @@ def build_corpus(folder):
     """Write ~mb MB of documents; return them (as written) for the raw tiktoken run."""
     pool, source = paragraphs()
     rng = np.random.default_rng(seed)
-    docs, size, part = [], 0, []
+    docs, size = [], 0
     while size < mb * 1e6:
         doc = '\n'.join(pool[i] for i in rng.integers(0, len(pool), size=rng.integers(1, 17)))
         docs.append(doc)

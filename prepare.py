@@ -541,9 +541,9 @@ def main(argv=None):
         if not done and created and os.path.isdir(output) and not os.listdir(output):
             os.rmdir(output)
 
-    documents = route.documents
-    print(f"documents: {route.read:,} read, {documents['train'] + documents['val']:,} kept ({documents['train']:,} "
-          f"train, {documents['val']:,} val); dropped {route.dropped()}")
+    kept = route.documents
+    print(f"documents: {route.read:,} read, {kept['train'] + kept['val']:,} kept ({kept['train']:,} "
+          f"train, {kept['val']:,} val); dropped {route.dropped()}")
     print(f"tokens: {tokens['train']:,} train, {tokens['val']:,} val ({meta['dtype']}); vocabulary "
           f"{tok.vocab_size:,}; {meta['bytes_per_token']:.2f} bytes per token")
     memory = peak_memory_mib()
