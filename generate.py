@@ -92,7 +92,7 @@ def _next_logits(decoder, repetition_penalty, vocab_size):
 
 # ---------------------------------------------------------------------------- sampling and beam search
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
                     use_cache=True, vocab_size=None):
     """Yield the next token of every row of idx (B, T), as a (B,) tensor, max_new_tokens times.
@@ -104,7 +104,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         yield token
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def greedy_hypothesis(model, idx, max_new_tokens, length_penalty=1.0, repetition_penalty=1.0, eot_id=None,
                       use_cache=True, vocab_size=None):
     """Greedy decoding of one prompt idx (1, T), scored like a beam: (score, tokens)."""
@@ -121,7 +121,7 @@ def greedy_hypothesis(model, idx, max_new_tokens, length_penalty=1.0, repetition
     return (total / len(tokens) ** length_penalty if tokens else 0.0), tokens
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, repetition_penalty=1.0, eot_id=None,
                 use_cache=True, vocab_size=None):
     """Beam search from one prompt idx (1, T). Returns [(score, tokens)], best first, one per surviving beam;
@@ -172,7 +172,7 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, repet
     return sorted(hypotheses, key=lambda h: -h[0])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sequence_score(model, idx, tokens, length_penalty=1.0):
     """The beam score of continuing idx (1, T) by tokens, from one plain forward pass (T + len(tokens)
     must fit block_size): a reference for beam_search."""
@@ -192,7 +192,7 @@ def _held_back(text, stop):
     return 0
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=100, temperature=1.0, top_k=None,
                   top_p=None, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, stop=(), use_cache=True,
                   on_text=None, progress=False):

@@ -277,7 +277,7 @@ class GPT(nn.Module):
         vector by the contiguous (in, out) matrix, whose long rows stream from memory about 1.7x faster on
         CPU (decoding is bound by reading the weights; see bench_sample.py). Training is unaffected.
         Called by Decoder; a no-op once done, and on GPUs."""
-        with torch.inference_mode(False):  # generation runs in inference mode; weights must stay trainable
+        with torch.inference_mode(False):  # a caller may be in inference mode; the weights must stay trainable
             for module in self.modules():
                 w = module.weight if isinstance(module, nn.Linear) else None
                 if w is not None and w.device.type == 'cpu' and w.size(0) > w.size(1) and w.is_contiguous():
@@ -332,7 +332,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
                  num_beams=1, length_penalty=1.0, eot_id=None, use_cache=True):
         """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
@@ -384,21 +384,23 @@ class Decoder:
         self.cache = None
         self.fresh = idx.size(1)  # tokens not yet fed through the model
 
-    @torch.inference_mode()  # a little cheaper per step than no_grad
+    @torch.no_grad()
     def next_logits(self):
         if self.seq.size(1) - self.start > self.block:
             self.start = self.seq.size(1) - self.block // 2
             self.cache = None  # positions shifted: the cached keys no longer apply
-        if not self.use_cache:
-            logits, _ = self.model(self.seq[:, self.start:], last_only=True)
-        else:
-            if self.cache is None:
-                self.cache = KVCache(self.model.config, self.seq.size(0), self.block, self.seq.device,
-                                     self.model.lm_head.weight.dtype)
-                self.fresh = self.seq.size(1) - self.start
-            logits, _ = self.model(self.seq[:, -self.fresh:], cache=self.cache, last_only=True)
+        with torch.inference_mode():  # a few percent cheaper per step than no_grad alone
+            if not self.use_cache:
+                logits, _ = self.model(self.seq[:, self.start:], last_only=True)
+            else:
+                if self.cache is None:
+                    self.cache = KVCache(self.model.config, self.seq.size(0), self.block, self.seq.device,
+                                         self.model.lm_head.weight.dtype)
+                    self.fresh = self.seq.size(1) - self.start
+                logits, _ = self.model(self.seq[:, -self.fresh:], cache=self.cache, last_only=True)
         self.fresh = 0
-        return logits[:, -1, :].float()
+        # cloned outside inference mode: callers get an ordinary tensor they may modify in place or train on
+        return logits[:, -1, :].float().clone()
 
     def append(self, tokens):
         self.seq = torch.cat((self.seq, tokens.view(-1, 1)), dim=1)

@@ -64,7 +64,8 @@ def test_decoding_layout_changes_memory_order_only():
     model = tiny_gpt(tie_weights=True)  # a tied head of 48 x 32 is wide, and is the embedding too
     reference = copy.deepcopy(model)
     prompt = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(3))
-    model.generate(prompt, 4, temperature=0)
+    generated = model.generate(prompt, 4, temperature=0)[:, -10:]
+    assert not generated.is_inference()  # an ordinary tensor: it may be trained on, as below
     block = model.transformer.h[0]
     for wide in (block.attn.c_attn.weight, block.mlp.c_fc.weight, model.lm_head.weight):
         assert not wide.is_contiguous() and wide.t().is_contiguous()
@@ -78,7 +79,7 @@ def test_decoding_layout_changes_memory_order_only():
     for m in (model, reference):
         m.train()
         optimizer = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
-        m(prompt, targets)[1].backward()
+        m(generated, targets)[1].backward()
         optimizer.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
