@@ -146,7 +146,7 @@ def sample_windows(data, block_size, batch_size, rng):
 
 def read_text(input_path, url, cache_path, encoding_errors='strict'):
     """The corpus text: from input_path if given, else from cache_path, downloading url there first.
-    Without a network, say how to supply the file instead."""
+    Without a network, say how to supply the file instead; an empty file is an error too."""
     path = input_path or cache_path
     if not input_path and not os.path.exists(cache_path):
         import urllib.request
@@ -162,7 +162,10 @@ def read_text(input_path, url, cache_path, encoding_errors='strict'):
     if not os.path.isfile(path):
         raise DatasetError(f'input file {path} not found')
     with open(path, 'rb') as f:
-        return decode_utf8(f.read(), path, encoding_errors)
+        text = decode_utf8(f.read(), path, encoding_errors)
+    if not text:
+        raise DatasetError(f'{path} is empty: nothing to train on')
+    return text
 
 
 def decode_utf8(raw, path, encoding_errors='strict', start_byte=0, start_line=1):

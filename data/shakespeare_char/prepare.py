@@ -27,8 +27,6 @@ try:
     text = read_text(input, url, os.path.join(out_dir, 'input.txt'), encoding_errors)
 except DatasetError as e:
     fail(e)
-if not text:
-    fail(f'{input or "input.txt"} is empty: nothing to train on')
 print(f'length of dataset in characters: {len(text):,}')
 
 tokenizer = make_tokenizer('char', [text])
