@@ -32,6 +32,7 @@ import tempfile
 import time
 
 from configurator import fail
+from runtime import mfu
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 BENCH_OPTIONS = ('runs', 'steps', 'target')
@@ -151,11 +152,11 @@ def summarize(run):
     steady = times[min(5, len(times) // 2):]
     ms = statistics.median(steady) if steady else None
     tokens_per_sec = run['tokens_per_iter'] / ms * 1000 if ms and run['tokens_per_iter'] else None
-    mfu = None
-    if ms and run['flops_per_token'] and run['peak_flops'] and run['tokens_per_iter']:
-        mfu = run['flops_per_token'] * run['tokens_per_iter'] / (ms / 1000) / run['peak_flops']
+    utilisation = None
+    if ms and run['flops_per_token'] and run['tokens_per_iter']:
+        utilisation = mfu(run['flops_per_token'], run['tokens_per_iter'], ms / 1000, run['peak_flops'])
     last_val = run['evals'][-1][1] if run['evals'] else None
-    return dict(ms_per_iter=ms, tokens_per_sec=tokens_per_sec, mfu=mfu, peak_memory_mib=run['peak_memory_mib'],
+    return dict(ms_per_iter=ms, tokens_per_sec=tokens_per_sec, mfu=utilisation, peak_memory_mib=run['peak_memory_mib'],
                 time_to_target=run['time_to_target'], target_step=run['target_step'],
                 target_val_loss=run['target_val_loss'], last_val_loss=last_val, wall=run['wall'])
 

@@ -324,12 +324,6 @@ class GPT(nn.Module):
             N -= self.transformer.wte.weight.numel()  # an untied embedding is a lookup, not a matmul
         return 6 * N + 12 * L * H * Q * T
 
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: achieved FLOP/s as a fraction of the device's peak."""
-        if not peak_flops:
-            return None
-        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
-
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()

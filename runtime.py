@@ -24,14 +24,23 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
-    """'auto' is bfloat16 on GPUs that have it, else float16 on CUDA, float32 elsewhere (CPUs gain little
-    from autocast and lose accuracy)."""
+    """'auto' is bfloat16 where the device computes it natively, float16 (with a GradScaler) on older NVIDIA
+    GPUs, and float32 on CPUs (they gain little from autocast and lose accuracy)."""
     if name not in ('auto', *DTYPES):
         raise ValueError(f"dtype={name!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
     if name != 'auto':
         return name
     if device.startswith('cuda'):
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        if torch.version.hip:
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        # not torch.cuda.is_bf16_supported(): it also says yes on a T4 or V100, which only emulate bfloat16
+        # (several times slower than their float16); native bfloat16 starts with Ampere, compute capability 8.0
+        major, _ = torch.cuda.get_device_capability(device)
+        return 'bfloat16' if major >= 8 else 'float16'
+    if device.startswith('mps'):
+        # Apple GPUs compute bfloat16 from macOS 14 on; float16 would need a GradScaler, which MPS gained only
+        # recently and with bugs, so older systems stay in float32
+        return 'bfloat16' if torch.backends.mps.is_macos_or_newer(14, 0) else 'float32'
     return 'float32'
 
 
@@ -40,6 +49,14 @@ def autocast(device, dtype):
     if dtype == 'float32':
         return nullcontext()
     return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype])
+
+
+def mfu(flops_per_token, tokens_per_iter, dt, peak_flops, world_size=1):
+    """Model FLOPs utilisation of each device: the FLOP/s it achieved as a fraction of its peak. Under DDP the
+    iteration's tokens are spread over world_size devices. None where the peak is unknown (CPUs)."""
+    if not peak_flops:
+        return None
+    return flops_per_token * tokens_per_iter / world_size / dt / peak_flops
 
 
 def peak_flops(device):

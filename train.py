@@ -28,7 +28,7 @@ from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError, load_gpt2, tokenizer_name, tokenizers_match
 from model import GPT, GPTConfig
-from runtime import autocast, peak_flops, resolve_device, resolve_dtype
+from runtime import autocast, mfu, peak_flops, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText
@@ -363,8 +363,8 @@ while True:
         tokens_per_sec = tokens_per_iter / dt
         mfu_text = ''
         if device_peak and local_iter_num >= 5:  # let the training loop settle a bit
-            mfu = raw_model.estimate_mfu(tokens_per_iter, dt, device_peak)
-            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            iter_mfu = mfu(raw_model.flops_per_token(), tokens_per_iter, dt, device_peak, ddp_world_size)
+            running_mfu = iter_mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * iter_mfu
             mfu_text = f', mfu {running_mfu * 100:.2f}%'
         print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
 

@@ -47,7 +47,7 @@ def test_summary_figures_from_a_log():
     s = bench.summarize(run)
     assert s['ms_per_iter'] == 12.0  # median of 10, 12, 11, 500, 13: an evaluation pause does not move it
     assert s['tokens_per_sec'] == pytest.approx(1000 / 0.012)
-    assert s['mfu'] == pytest.approx(6e6 * 1000 / 0.012 / 1e12)
+    assert s['mfu'] == pytest.approx(0.5)  # 6e6 FLOPs x 1000 tokens in 12 ms = 5e11 FLOP/s, half of 1e12
     assert (s['time_to_target'], s['target_step'], s['last_val_loss']) == (4.5, 40, 1.2)
     # no peak known (a CPU): no MFU
     assert bench.summarize(dict(run, peak_flops=None))['mfu'] is None

@@ -128,14 +128,6 @@ def test_crop_block_size():
     assert model.transformer.wpe.weight.shape[0] == 8 and torch.allclose(before, after)
 
 
-def test_mfu_estimate():
-    model = tiny()
-    flops = 6 * model.get_num_params() + 12 * 2 * 2 * 16 * 16
-    assert model.flops_per_token() == flops
-    assert model.estimate_mfu(1000, 0.5, 1e9) == pytest.approx(flops * 1000 / 0.5 / 1e9)
-    assert model.estimate_mfu(1000, 0.5, None) is None
-
-
 def test_bad_config_values():
     with pytest.raises(ValueError, match='activation'):
         GPTConfig(activation='swish')
