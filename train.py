@@ -58,6 +58,7 @@ dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # biases in Linear and LayerNorm layers
 activation = 'gelu'  # MLP activation: gelu, gelu_tanh, relu, relu2, silu or swiglu
 position = 'learned'  # position embedding: learned or rotary
+rope_base = 10000.0  # rotary: base of the rotation frequencies (larger suits longer contexts)
 norm = 'layernorm'  # layernorm or rmsnorm
 qk_norm = False  # normalise queries and keys before attention
 tie_weights = True  # share the token embedding and the output head
@@ -85,6 +86,10 @@ compile = None  # torch.compile the model: None means on for CUDA only
 backend = 'nccl'  # distributed backend on GPU (CPU processes always use gloo)
 seed = 1337
 threads = 0  # CPU threads for torch, 0 leaves torch's default
+# every other GPTConfig field is a setting too, with the model's default (the vocabulary comes from the data)
+for _field in dataclasses.fields(GPTConfig):
+    if _field.name != 'vocab_size':
+        globals().setdefault(_field.name, _field.default)
 # -----------------------------------------------------------------------------
 config = configure(globals())
 # -----------------------------------------------------------------------------
@@ -164,9 +169,7 @@ def get_batch(split, rng):
 # model init
 iter_num = 0
 best_val_loss = 1e9
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  dropout=dropout, activation=activation, position=position, norm=norm, qk_norm=qk_norm,
-                  tie_weights=tie_weights, zero_init_proj=zero_init_proj, logit_softcap=logit_softcap)
+model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size'}
 # the model's vocabulary comes from the tokenizer, padded up to a multiple of 64 for efficient matmuls
 model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
 checkpoint = None

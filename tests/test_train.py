@@ -137,3 +137,18 @@ def test_eval_only_evaluates_a_resumed_checkpoint_without_training(char_dataset,
     [loss] = val_losses(proc.stdout)  # printed to 4 decimals: the same batches give the saved val loss
     assert abs(loss - json.loads(before)['best_val_loss']) < 1e-4 and 'iter 11' not in proc.stdout
     assert (out / 'checkpoint.json').read_text() == before
+
+
+def test_every_model_field_is_a_training_setting(char_dataset, tmp_path):
+    """A field added to GPTConfig is a train.py setting with nothing else to edit (the vocabulary comes from
+    the tokenizer), and its value reaches the model: rope_base here."""
+    import dataclasses
+    from model import GPTConfig
+    keys = {line.split()[0][2:] for line in run('train.py', '--help').stdout.splitlines() if line.startswith('  --')}
+    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size' and f.name not in keys]
+    assert not missing, missing
+    out = tmp_path / 'out'
+    train(char_dataset, out, '--max_iters=2', '--eval_interval=2', '--position=rotary', '--rope_base=500.0')
+    model, ckpt = load_model(out)
+    assert ckpt['model_args']['rope_base'] == model.config.rope_base == 500.0
+    torch.testing.assert_close(model.rope_cos[3, 1], torch.cos(torch.tensor(3 / 500 ** (2 / 16))))  # head size 16
