@@ -28,7 +28,7 @@ from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, decode_utf8, load_meta, open_split, sample_windows
 from generate import is_hf_model, load_inference_model
 from hf_gpt2 import HFError, tokenizers_match
-from runtime import autocast, resolve_device, resolve_dtype
+from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
 from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -171,9 +171,9 @@ def like_train(model, folder, meta, cfg, name):
         from tqdm import tqdm
         batches = tqdm(batches, desc=name, leave=False, file=sys.stderr, dynamic_ncols=True)
     for k in batches:
-        rows = torch.from_numpy(sample_windows(open_split(folder, split, meta), cfg['block_size'], cfg['batch_size'], rng))
+        x, y = batch_to_device(sample_windows(open_split(folder, split, meta), cfg['block_size'], cfg['batch_size'], rng), device)
         with ctx:
-            _, loss = model(rows[:, :-1].contiguous().to(device), rows[:, 1:].contiguous().to(device))
+            _, loss = model(x, y)
         losses[k] = loss.item()
     return losses.mean().item(), iters * cfg['batch_size'] * cfg['block_size']
 

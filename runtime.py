@@ -51,6 +51,17 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype])
 
 
+def batch_to_device(rows, device):
+    """Inputs and next-token targets of rows, a (B, T + 1) int64 array of token windows, on device. On CUDA
+    they go through pinned memory and copy asynchronously, overlapping the GPU's work; that needs contiguous
+    tensors, which the slices [:, :-1] and [:, 1:] are not until copied."""
+    rows = torch.from_numpy(rows)
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    if device.startswith('cuda'):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
 def mfu(flops_per_token, tokens_per_iter, dt, peak_flops, world_size=1):
     """Model FLOPs utilisation of each device: the FLOP/s it achieved as a fraction of its peak. Under DDP the
     iteration's tokens are spread over world_size devices. None where the peak is unknown (CPUs)."""

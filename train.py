@@ -28,7 +28,7 @@ from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError, load_gpt2, tokenizer_name, tokenizers_match
 from model import GPT, GPTConfig
-from runtime import autocast, mfu, peak_flops, resolve_device, resolve_dtype
+from runtime import autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText
@@ -158,12 +158,7 @@ data_rng = np.random.default_rng(seed + seed_offset)
 def get_batch(split, rng):
     # a fresh memmap per batch avoids a memory leak, https://stackoverflow.com/questions/45132940
     data = open_split(data_dir, split, meta)
-    rows = torch.from_numpy(sample_windows(data, block_size, batch_size, rng))
-    x, y = rows[:, :-1], rows[:, 1:]
-    if device_type == 'cuda':
-        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous().to(device), y.contiguous().to(device)
+    return batch_to_device(sample_windows(data, block_size, batch_size, rng), device)
 
 
 # model init

@@ -60,3 +60,25 @@ def test_mfu_is_per_device():
     assert runtime.mfu(1e9, 8192, 0.5, 100e12, world_size=4) == pytest.approx(0.04096)
     assert runtime.mfu(1e9, 8192, 0.5, 100e12) == pytest.approx(0.16384)
     assert runtime.mfu(1e9, 8192, 0.5, None) is None  # no known peak (a CPU)
+
+
+def test_batches_are_contiguous_before_pinning(monkeypatch):
+    """A host-to-GPU copy from pinned memory is asynchronous only from a contiguous tensor; the input and target
+    slices of the token windows are not contiguous until copied. The GPU is faked: pinning and copying to 'cuda'
+    record what they were given."""
+    pinned, copied = [], []
+
+    def pin_memory(tensor):
+        pinned.append(tensor.is_contiguous())
+        return tensor
+
+    def to(tensor, device, non_blocking=False):
+        copied.append((device, non_blocking))
+        return tensor
+
+    monkeypatch.setattr(torch.Tensor, 'pin_memory', pin_memory)
+    monkeypatch.setattr(torch.Tensor, 'to', to)
+    rows = torch.arange(2 * 9).view(2, 9).numpy()
+    x, y = runtime.batch_to_device(rows, 'cuda:0')
+    assert pinned == [True, True] and copied == [('cuda:0', True), ('cuda:0', True)]
+    assert x.tolist() == [list(range(0, 8)), list(range(9, 17))] and y.tolist() == [list(range(1, 9)), list(range(10, 18))]
