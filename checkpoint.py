@@ -67,21 +67,39 @@ def _join_optimizer_state(tensors, saved):
     return {'state': state, 'param_groups': groups}
 
 
+def rng_state():
+    """This process's torch random number generators (dropout draws from them)."""
+    state = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_args, config, tokenizer,
-                    training_state=None):
-    """training_state: whatever else, JSON-able, an exact resume needs (the batch sampler's state)."""
+                    training_state=None, ranks=None):
+    """training_state: whatever else, JSON-able, an exact resume needs (the loss scale). ranks: what each
+    process needs to continue exactly, rank 0 first: dicts of its random generators' states, tensors (its
+    torch generators, into the optimizer file) or JSON-able values (its batch sampler). By default this
+    process's rng_state()."""
     os.makedirs(out_dir, exist_ok=True)
     model_file, optimizer_file = f'model-{iter_num:07d}.safetensors', f'optimizer-{iter_num:07d}.safetensors'
     save_tensors(os.path.join(out_dir, model_file), model_state(model))
     opt_tensors, opt_json = ({}, None) if optimizer is None else _split_optimizer_state(optimizer)
-    opt_tensors['rng.torch'] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        opt_tensors['rng.cuda'] = torch.cuda.get_rng_state()
+    rank_json = []
+    for rank, state in enumerate(ranks or [rng_state()]):
+        rank_json.append({k: v for k, v in state.items() if not torch.is_tensor(v)})
+        opt_tensors.update({f'rank{rank}.{k}': v for k, v in state.items() if torch.is_tensor(v)})
     save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors)
     atomic_write_json(os.path.join(out_dir, CHECKPOINT_NAME), dict(
         format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
         tokenizer=tokenizer, model_file=model_file, optimizer_file=optimizer_file, optimizer=opt_json,
-        training_state=training_state,
+        training_state=dict(training_state or {}, ranks=rank_json),
     ))
     # only now is the new checkpoint complete: drop the files of earlier ones
     for path in glob.glob(os.path.join(out_dir, '*-*.safetensors')):
@@ -130,11 +148,23 @@ def load_model(out_dir, device='cpu', **overrides):
     return model.to(device), ckpt
 
 
-def load_training_state(out_dir, ckpt, optimizer, device):
-    """Restore the optimizer and the random number generators for an exact resume."""
+def load_training_state(out_dir, ckpt, optimizer):
+    """Restore the optimizer's state (moments, momentum buffers, step counts) into optimizer, keeping the
+    settings it was built with (learning rates, betas, weight decay, momentum): a resumed run may change them.
+    Returns what each process saved to continue exactly (see save_checkpoint's ranks), rank 0 first."""
     tensors = _load_tensors(os.path.join(out_dir, ckpt['optimizer_file']), 'cpu')
     if ckpt.get('optimizer') is not None:
+        settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
         optimizer.load_state_dict(_join_optimizer_state(tensors, ckpt['optimizer']))
-    torch.set_rng_state(tensors['rng.torch'])
-    if 'rng.cuda' in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors['rng.cuda'])
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)
+    saved = ckpt.get('training_state') or {}
+    if 'ranks' not in saved:  # written before every process saved its own state: one process, rank 0's
+        return [dict(data_rng=saved.get('data_rng'), torch=tensors['rng.torch'],
+                     **({'cuda': tensors['rng.cuda']} if 'rng.cuda' in tensors else {}))]
+    ranks = [dict(state) for state in saved['ranks']]
+    for key, value in tensors.items():
+        if key.startswith('rank'):
+            rank, name = key[len('rank'):].split('.', 1)
+            ranks[int(rank)][name] = value
+    return ranks

@@ -23,7 +23,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, load_model, load_training_state, save_checkpoint
+from checkpoint import CheckpointError, load_model, load_training_state, rng_state, save_checkpoint, set_rng_state
 from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError, load_gpt2, tokenizer_name, tokenizers_match
@@ -121,6 +121,7 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 else:
     master_process = True
+    ddp_rank = 0
     seed_offset = 0
     ddp_world_size = 1
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
@@ -208,7 +209,12 @@ else:
         fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
+    changed = [f'{key} {value!r} -> {config[key]!r}' for key, value in checkpoint['config'].items()
+               if key != 'init_from' and key in config and config[key] != value]
+    if changed and master_process:
+        print(f"resuming with changed settings: {', '.join(changed)}")
 model.to(device)
+model.train()  # in every process: GPT-2 weights load in eval mode, and only the master's evaluation switches back
 
 # a GradScaler is needed for float16 only: it is a no-op when disabled
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -218,12 +224,22 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
                                        muon_lr, muon_momentum)
 if checkpoint is not None:
     try:
-        load_training_state(out_dir, checkpoint, optimizer, device)
+        saved_ranks = load_training_state(out_dir, checkpoint, optimizer)
     except CheckpointError as e:
         fail(e)
-    # restore the batch sampler and the loss scale, so the run continues as if never stopped
-    data_rng.bit_generator.state = checkpoint['training_state']['data_rng']
-    if checkpoint['training_state']['scaler']:
+    # each process takes back its own batch sampler and random generators, so the run continues as if never stopped
+    if len(saved_ranks) == ddp_world_size:
+        data_rng.bit_generator.state = saved_ranks[ddp_rank]['data_rng']
+        set_rng_state(saved_ranks[ddp_rank])
+    else:
+        # another number of processes cannot continue the saved streams: start new ones, the same every time
+        data_rng = np.random.default_rng([seed, ddp_rank, iter_num])
+        torch.manual_seed(int(np.random.SeedSequence([seed, ddp_rank, iter_num]).generate_state(1)[0]))
+        if master_process:
+            print(f'note: the checkpoint was written by {len(saved_ranks)} process{"es" if len(saved_ranks) > 1 else ""} '
+                  f'and this run has {ddp_world_size}: every process re-seeds its batches and dropout from '
+                  f'(seed, rank, iteration), so the run goes on reproducibly but not as the saved one would have')
+    if checkpoint['training_state'].get('scaler'):
         scaler.load_state_dict(checkpoint['training_state']['scaler'])
 checkpoint = None  # free up memory
 
@@ -256,6 +272,17 @@ def estimate_loss():
         out[split] = losses.mean().item()
     model.train()
     return out
+
+
+def gather_rank_states():
+    """What every process needs to continue exactly (its batch sampler before the batch in X, Y and its random
+    generators), on the master, rank 0 first. Under DDP every process must call this at the same iteration."""
+    state = dict(rng_state(), data_rng=batch_rng_state)
+    if not ddp:
+        return [state]
+    states = [None] * ddp_world_size if master_process else None
+    torch.distributed.gather_object(state, states, dst=0)
+    return states
 
 
 def get_lr(it):
@@ -298,6 +325,7 @@ while True:
     evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                              and (iter_num != start_iter or init_from != 'resume'))
     reached_target = False
+    rank_states = gather_rank_states() if evaluate and iter_num > 0 and not eval_only else None
     if evaluate and master_process:
         losses = estimate_loss()
         bpb = f", val bits/byte {losses['val'] / math.log(2) / bytes_per_token:.4f}" if bytes_per_token else ''
@@ -309,7 +337,7 @@ while True:
             if iter_num > 0 and not eval_only:
                 print(f'saving checkpoint to {out_dir}')
                 save_checkpoint(out_dir, raw_model, optimizer, iter_num, best_val_loss, model_args, config,
-                                meta['tokenizer'], dict(data_rng=batch_rng_state, scaler=scaler.state_dict()))
+                                meta['tokenizer'], dict(scaler=scaler.state_dict()), rank_states)
         reached_target = target_val_loss > 0 and losses['val'] <= target_val_loss
         if reached_target:
             print(f'reached target val loss {target_val_loss} at step {iter_num}')

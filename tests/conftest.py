@@ -31,6 +31,16 @@ def run(script, *args, check=True, env=None, timeout=600):
     return proc
 
 
+def torchrun(nproc, script, *args, timeout=600):
+    """Run a repository script in nproc processes on this machine (torchrun, CPU: the gloo backend)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', script, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f'torchrun {script} {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
+    return proc
+
+
 def run_all(commands, at_once=2):
     """Run several (script, *args) commands, at_once at a time: scripts that fail early are mostly start-up
     time, which overlaps well. Returns their CompletedProcess, in order."""

@@ -5,14 +5,10 @@ checked against an independent computation of what it should do (formulas, no-ca
 an uninterrupted run)."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import ROOT, TINY_TRAIN, assert_clean_error, run, val_losses
+from conftest import TINY_TRAIN, assert_clean_error, run, torchrun, val_losses
 from safetensors.torch import load_file
 
 from checkpoint import load_model, save_checkpoint
@@ -293,12 +289,9 @@ def test_muon_under_ddp_stops_every_process_at_the_target(char_dataset, tmp_path
     Muon update. Only the master evaluates, so reaching target_val_loss must stop the other one too
     (else it would wait forever in the next all-reduce)."""
     out = tmp_path / 'ddp'
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-           f'--dataset={char_dataset}', f'--out_dir={out}', *MUON_TRAIN, '--gradient_accumulation_steps=2',
-           '--max_iters=100000', '--lr_decay_iters=100000', '--eval_interval=5', '--target_val_loss=3.0']
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = torchrun(2, 'train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *MUON_TRAIN,
+                    '--gradient_accumulation_steps=2', '--max_iters=100000', '--lr_decay_iters=100000',
+                    '--eval_interval=5', '--target_val_loss=3.0', timeout=300)
     losses = val_losses(proc.stdout)
     assert losses[-1] <= 3.0 < min(losses[:-1]), losses
     assert 'tokens per iteration will be: 512' in proc.stdout  # 2 processes x 1 micro-step x 8 x 32

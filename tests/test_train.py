@@ -1,15 +1,14 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from checkpoint import load_model, read_checkpoint
-from conftest import ROOT, TINY_TEXT, TINY_TRAIN, assert_clean_error, run, val_losses
+from conftest import TINY_TEXT, TINY_TRAIN, assert_clean_error, run, torchrun, val_losses
 from dataset import load_meta
 from tokenizer import load_tokenizer
 
@@ -71,12 +70,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(char_dataset, tmp_pa
 
 def test_ddp_two_processes_on_cpu(char_dataset, tmp_path):
     out = tmp_path / 'ddp'
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-           f'--dataset={char_dataset}', f'--out_dir={out}', *TINY_TRAIN, '--gradient_accumulation_steps=2',
-           '--max_iters=40', '--eval_interval=20']
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = torchrun(2, 'train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *TINY_TRAIN,
+                    '--gradient_accumulation_steps=2', '--max_iters=40', '--eval_interval=20')
     # one process logs and writes checkpoints
     assert proc.stdout.count('iter 40:') == 1 and proc.stdout.count('step 40:') == 1
     assert 'tokens per iteration will be: 512' in proc.stdout  # 2 processes x 1 micro-step x 8 x 32
@@ -152,3 +147,40 @@ def test_every_model_field_is_a_training_setting(char_dataset, tmp_path):
     model, ckpt = load_model(out)
     assert ckpt['model_args']['rope_base'] == model.config.rope_base == 500.0
     torch.testing.assert_close(model.rope_cos[3, 1], torch.cos(torch.tensor(3 / 500 ** (2 / 16))))  # head size 16
+
+
+def test_resume_takes_the_optimizer_settings_of_the_command_line(char_dataset, tmp_path):
+    """The optimizer's moments come from the checkpoint, its settings from this run, and the log names what
+    changed. A learning rate of 1e-30 (far below float32's resolution at these weights' size) must then leave
+    every weight exactly as saved; the saved learning rate would move them."""
+    out = tmp_path / 'out'
+    train(char_dataset, out, '--max_iters=6', '--eval_interval=6')
+    saved = final_weights(out)
+    proc = train(char_dataset, out, '--init_from=resume', '--max_iters=12', '--eval_interval=6',
+                 '--learning_rate=1e-30', '--min_lr=1e-30', '--beta2=0.9')
+    assert 'resuming with changed settings: ' in proc.stdout
+    changed = proc.stdout.split('resuming with changed settings: ')[1].splitlines()[0]
+    assert 'learning_rate 0.003 -> 1e-30' in changed and 'beta2 0.95 -> 0.9' in changed and 'max_iters 6 -> 12' in changed
+    resumed = final_weights(out)
+    assert read_checkpoint(out)['iter_num'] == 12
+    for name in saved:
+        assert torch.equal(saved[name], resumed[name]), name
+
+
+@pytest.mark.parametrize('kind', ['adamw', 'muon'])
+def test_optimizer_state_loads_without_its_saved_settings(tmp_path, kind):
+    from checkpoint import load_training_state, save_checkpoint
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    old = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', kind, muon_lr=0.02, muon_momentum=0.95)
+    model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))[1].backward()
+    old.step()
+    save_checkpoint(tmp_path, model, old, 1, 0.0, {}, {}, None)
+    new = model.configure_optimizers(0.0, 5e-4, (0.8, 0.99), 'cpu', kind, muon_lr=0.01, muon_momentum=0.9)
+    expected = [{k: v for k, v in g.items() if k != 'params'} for g in new.param_groups]
+    load_training_state(tmp_path, read_checkpoint(tmp_path), new)
+    assert [{k: v for k, v in g.items() if k != 'params'} for g in new.param_groups] == expected
+    assert len(old.state) == len(new.state) > 0
+    for p, state in old.state.items():  # the moments did come back
+        assert state.keys() == new.state[p].keys()
+        assert all(torch.equal(torch.as_tensor(state[k]), torch.as_tensor(new.state[p][k])) for k in state)
