@@ -133,12 +133,16 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)
-        # flash attention make GPU go brrrrr; a prefix in the cache needs an explicit mask (query i sees keys <= past+i)
-        mask = None
-        if past and T > 1:
+        # flash attention make GPU go brrrrr. Plain Python branches rather than a computed is_causal flag: under
+        # torch.compile the cache position is symbolic, and a branch on it is a guard, where a flag would break the graph
+        dropout = self.dropout if self.training else 0.0
+        if T == 1:  # one new token sees every key so far
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:  # new tokens after a cached prefix: query i sees the keys up to past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and T > 1),
-                                           dropout_p=self.dropout if self.training else 0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -362,6 +366,13 @@ class GPT(nn.Module):
         yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, use_cache)
 
 
+def compute_dtype(weight):
+    """The dtype the model computes in: autocast's where it is on (keys and values come out of the matmuls in
+    it, so a cache in float32 would take twice the memory and a cast every step), else the weights'."""
+    device_type = weight.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+
+
 class Decoder:
     """Incremental decoding state: the sequence so far and, with use_cache, its KVCache.
     next_logits() gives the next position's (B, vocab) float32 logits; append(tokens) extends each row.
@@ -383,15 +394,15 @@ class Decoder:
         if self.seq.size(1) - self.start > self.block:
             self.start = self.seq.size(1) - self.block // 2
             self.cache = None  # positions shifted: the cached keys no longer apply
+        if self.use_cache and self.cache is None:
+            self.cache = KVCache(self.model.config, self.seq.size(0), self.block, self.seq.device,
+                                 compute_dtype(self.model.lm_head.weight))
+            self.fresh = self.seq.size(1) - self.start
+        # the tokens to feed, made here, outside inference mode, and contiguous: to torch.compile, a tensor made in
+        # inference mode or a slice of the growing sequence (its stride changes every step) would be a new kind of input
+        tokens = (self.seq[:, -self.fresh:] if self.use_cache else self.seq[:, self.start:]).contiguous()
         with torch.inference_mode():  # a few percent cheaper per step than no_grad alone
-            if not self.use_cache:
-                logits, _ = self.model(self.seq[:, self.start:], last_only=True)
-            else:
-                if self.cache is None:
-                    self.cache = KVCache(self.model.config, self.seq.size(0), self.block, self.seq.device,
-                                         self.model.lm_head.weight.dtype)
-                    self.fresh = self.seq.size(1) - self.start
-                logits, _ = self.model(self.seq[:, -self.fresh:], cache=self.cache, last_only=True)
+            logits, _ = self.model(tokens, cache=self.cache, last_only=True)
         self.fresh = 0
         # cloned outside inference mode: callers get an ordinary tensor they may modify in place or train on
         return logits[:, -1, :].float().clone()

@@ -70,6 +70,10 @@ def val_losses(stdout):
     return [float(line.split('val loss ')[1].split(',')[0]) for line in stdout.splitlines() if line.startswith('step ')]
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes tens of seconds (torch.compile); `-m "not slow"` leaves it out')
+
+
 @pytest.fixture(scope='session')
 def char_dataset(tmp_path_factory):
     """A character-level dataset prepared from TINY_TEXT by the real prepare script."""

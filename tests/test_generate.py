@@ -290,3 +290,41 @@ def test_stop_strings_and_end_of_text_end_a_completion():
     torch.manual_seed(0)
     rows = generate_text(model, tokenizer, ids, num_samples=4, max_new_tokens=60, temperature=1.0, stop=['e'])
     assert len(rows) == 4 and all('e' not in row for row in rows) and len(set(rows)) > 1
+
+
+@pytest.mark.parametrize('overrides', [dict(), dict(position='rotary', norm='rmsnorm', qk_norm=True, bias=False)],
+                         ids=['gpt2', 'rotary'])
+def test_compiled_decoding_compiles_a_few_graphs_and_gives_the_same_tokens(overrides):
+    """torch.compile (graphs counted by a backend that runs them as they are, no inductor): a prefill, the
+    one-token step, and one graph for prompts and refills of any other length, however many steps, window
+    jumps and prompts follow. Before, every layer and cache position was a graph of its own (dynamo's
+    recompile limit came within 2 tokens)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model = tiny_gpt(n_layer=4, **overrides)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for seed, prompt_len in ((1, 5), (2, 9), (3, 3)):
+        prompt = torch.randint(0, 48, (2, prompt_len), generator=torch.Generator().manual_seed(seed))
+        eager = model.generate(prompt, 3 * BLOCK, temperature=0)
+        tokens = torch.stack(list(generate_tokens(compiled, prompt, 3 * BLOCK, temperature=0)), dim=1)
+        assert torch.equal(torch.cat([prompt, tokens], dim=1), eager)
+    assert counter.frame_count == 3
+
+
+@pytest.mark.parametrize('overrides', [dict(), dict(position='rotary', norm='rmsnorm', qk_norm=True, bias=False)],
+                         ids=['gpt2', 'rotary'])
+def test_kv_cache_under_bfloat16_autocast_is_bfloat16_and_gives_the_no_cache_tokens(overrides):
+    model = tiny_gpt(**overrides)
+    prompt = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        decoder = Decoder(model, prompt)
+        decoder.next_logits()
+        assert decoder.cache.k.dtype == decoder.cache.v.dtype == torch.bfloat16
+        with_cache = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=True)
+        without = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+    decoder = Decoder(model, prompt)  # without autocast, the weights' float32
+    decoder.next_logits()
+    assert decoder.cache.k.dtype == torch.float32

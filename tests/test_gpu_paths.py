@@ -1,0 +1,105 @@
+"""The code paths GPU users take, run on the CPU, where PyTorch has them too: torch.compile (inductor) for
+training and sampling, bfloat16 autocast for train, sample and eval, and float16 with a GradScaler. Each is
+compared with the plain float32 eager run."""
+import re
+
+import pytest
+import torch
+from conftest import TINY_TRAIN, run
+
+from safetensors.torch import load_file
+
+from checkpoint import read_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+from tokenizer import make_tokenizer
+
+TRAIN = [*TINY_TRAIN, '--max_iters=8', '--eval_interval=4', '--warmup_iters=2', '--seed=7']
+
+
+def iteration_losses(stdout):
+    return [float(m) for m in re.findall(r'^iter \d+: loss ([\d.]+)', stdout, re.M)]
+
+
+def evaluations(stdout):
+    """The train and val losses of every evaluation, in one flat list."""
+    return [float(x) for m in re.findall(r'^step \d+: train loss ([\d.]+), val loss ([\d.]+)', stdout, re.M) for x in m]
+
+
+def train(dataset, out, *args):
+    return run('train.py', f'--dataset={dataset}', f'--out_dir={out}', *TRAIN, *args).stdout
+
+
+@pytest.fixture(scope='module')
+def eager(char_dataset, tmp_path_factory):
+    return train(char_dataset, tmp_path_factory.mktemp('eager'), '--dtype=float32')
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager(char_dataset, tmp_path, eager):
+    compiled = train(char_dataset, tmp_path, '--compile=True', '--dtype=float32')
+    assert 'compiling the model' in compiled
+    assert len(iteration_losses(compiled)) == 8
+    # inductor fuses and reorders float32 arithmetic: the same run up to rounding
+    assert iteration_losses(compiled) == pytest.approx(iteration_losses(eager), abs=2e-3)
+    assert evaluations(compiled) == pytest.approx(evaluations(eager), abs=2e-3)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_mixed_precision_training_follows_float32(char_dataset, tmp_path, eager, dtype):
+    """Autocast computes the matmuls in 16 bits and keeps float32 weights; float16 also scales the loss (a
+    GradScaler), whose state the checkpoint keeps for resume. Losses stay within 16-bit rounding of float32's."""
+    mixed = train(char_dataset, tmp_path, f'--dtype={dtype}')
+    assert iteration_losses(mixed) == pytest.approx(iteration_losses(eager), abs=0.02)
+    assert evaluations(mixed) == pytest.approx(evaluations(eager), abs=0.02)
+    ckpt = read_checkpoint(tmp_path)
+    scaler = ckpt['training_state']['scaler']
+    if dtype == 'float16':
+        assert scaler['scale'] == 65536.0 and scaler['_growth_tracker'] == 8  # 8 steps, no overflow yet
+    else:
+        assert not scaler  # bfloat16 has float32's range: no scaling
+    assert {v.dtype for v in load_file(tmp_path / ckpt['model_file']).values()} == {torch.float32}
+
+
+@pytest.fixture(scope='module')
+def sharp_checkpoint(tmp_path_factory):
+    """A checkpoint whose next-token choices are clear-cut (sharp logits), so 16-bit rounding cannot tip a
+    near-tie: whatever differs between two decoding paths then shows in the text."""
+    text = "ROMEO: Shall I compare thee to a summer's day?\nJULIET: Thou art more lovely.\n"
+    tokenizer = make_tokenizer('char', text)
+    args = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, position='rotary', qk_norm=True,
+                norm='rmsnorm', bias=False, tie_weights=False)
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    out = tmp_path_factory.mktemp('sharp')
+    save_checkpoint(out, model, None, 1, 0.0, args, {}, tokenizer.describe())
+    return out
+
+
+def greedy(out, *args):
+    return run('sample.py', f'--out_dir={out}', '--device=cpu', '--start=ROMEO:', '--temperature=0', '--num_samples=2',
+               '--max_new_tokens=70', *args).stdout  # 70 tokens: past block_size, the window jumps
+
+
+def test_bfloat16_sampling_with_the_cache_equals_without(sharp_checkpoint):
+    cached = greedy(sharp_checkpoint, '--dtype=bfloat16', '--use_cache=True')
+    assert cached == greedy(sharp_checkpoint, '--dtype=bfloat16', '--use_cache=False')
+    assert len(cached) > 2 * 70
+
+
+@pytest.mark.slow
+def test_compiled_sampling_gives_the_eager_text_from_a_few_graphs(sharp_checkpoint):
+    proc = run('sample.py', f'--out_dir={sharp_checkpoint}', '--device=cpu', '--start=ROMEO:', '--temperature=0',
+               '--num_samples=2', '--max_new_tokens=70', '--compile=True', env={'TORCH_LOGS': 'recompiles'})
+    assert proc.stdout == greedy(sharp_checkpoint)
+    # the prefill, the one-token step, a full cache, and the refill after a window jump: no graph per token
+    assert proc.stderr.count('Recompiling function') <= 3, proc.stderr
+
+
+def test_bfloat16_evaluation_follows_float32(char_dataset, tmp_path):
+    train(char_dataset, tmp_path)
+    table = {dtype: run('eval.py', f'--out_dir={tmp_path}', '--device=cpu', f'--dtype={dtype}').stdout
+             for dtype in ('float32', 'bfloat16')}
+    loss = {dtype: float(t.strip().splitlines()[1].split()[-3]) for dtype, t in table.items()}
+    assert loss['bfloat16'] == pytest.approx(loss['float32'], abs=0.01) and loss['float32'] < 4.0
