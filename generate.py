@@ -66,9 +66,11 @@ def filter_top_p(logits, top_p):
     probability adds up to at least top_p; set the rest to -inf."""
     if top_p is None or top_p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
+    # in float64: summed in float32, the probabilities of a 50,000-token vocabulary carry enough rounding error
+    # to move the cut by a token or two
+    sorted_logits, order = torch.sort(logits.double(), descending=True)
     probs = F.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    before = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # probability of the tokens ranked above each one
     drop_sorted = before >= top_p  # the top token always stays (nothing is ranked above it)
     drop = drop_sorted.scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, -float('inf'))
@@ -105,71 +107,47 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
 
 @torch.no_grad()
-def greedy_hypothesis(model, idx, max_new_tokens, length_penalty=1.0, repetition_penalty=1.0, eot_id=None,
-                      use_cache=True, vocab_size=None):
-    """Greedy decoding of one prompt idx (1, T), scored like a beam: (score, tokens)."""
-    decoder = Decoder(model, idx, use_cache)
-    total, tokens = 0.0, []
-    for _ in range(max_new_tokens):
-        logp = F.log_softmax(_next_logits(decoder, repetition_penalty, vocab_size), dim=-1)
-        token = logp.argmax(dim=-1)
-        total += logp[0, token].item()
-        tokens.append(token.item())
-        if token.item() == eot_id:
-            break
-        decoder.append(token)
-    return (total / len(tokens) ** length_penalty if tokens else 0.0), tokens
-
-
-@torch.no_grad()
 def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, repetition_penalty=1.0, eot_id=None,
                 use_cache=True, vocab_size=None):
-    """Beam search from one prompt idx (1, T). Returns [(score, tokens)], best first, one per surviving beam;
-    score = sum of the tokens' log-probabilities / number of tokens ** length_penalty (tokens include the
-    end-of-text that finished a beam). A finished beam keeps its slot and competes, by that score, with the
-    extensions of the live ones; the search ends when every slot is finished or after max_new_tokens.
-    With one beam this is greedy decoding. Plain beam search can end below greedy (the greedy prefix may
-    fall out of the beam), so the greedy hypothesis is always among the candidates: more beams never score
-    worse than greedy."""
-    K = num_beams
-    T = idx.size(1)
+    """Beam search from one prompt idx (1, T), the algorithm of transformers' generate (its default early stopping).
+    Each step extends the num_beams live beams by every token and ranks the extensions by their summed
+    log-probability. Those among the best num_beams that end (with eot_id, or at max_new_tokens) become finished
+    hypotheses, scored sum / length ** length_penalty (the length counts the end-of-text); the best num_beams
+    that do not end are the next live beams, so a finished hypothesis never takes a live beam's place. The search
+    stops at max_new_tokens, or once num_beams hypotheses are finished and the best live beam, scored at its
+    length so far, does not beat the worst of them. Returns the finished [(score, tokens)], best first."""
+    K, T = num_beams, idx.size(1)
     decoder = Decoder(model, idx.repeat(K, 1), use_cache)
     logp = torch.full((K,), -float('inf'), device=idx.device)
-    logp[0] = 0.0  # all K beams start as the same prompt: expand only one of them at first
-    score = logp.clone()  # length-normalised; fixed once a beam is finished
-    length = torch.zeros(K, dtype=torch.long, device=idx.device)
-    done = torch.zeros(K, dtype=torch.bool, device=idx.device)
+    logp[0] = 0.0  # the K beams start as the same prompt: extend only one of them at first
+    finished = []
     for step in range(max_new_tokens):
+        length = step + 1
         step_logp = F.log_softmax(_next_logits(decoder, repetition_penalty, vocab_size), dim=-1)  # (K, V)
         V = step_logp.size(-1)
-        total = logp[:, None] + step_logp
-        cand = total / float(step + 1) ** length_penalty  # live beams all have step tokens so far
-        if done.any():
-            # a finished beam is a single candidate: itself, unchanged, padded with end-of-text
-            cand[done] = -float('inf')
-            cand[done, eot_id] = score[done]
-            total[done, eot_id] = logp[done]
-        top = cand.view(-1).topk(K)
-        beam, token = top.indices // V, top.indices % V
-        was_done = done[beam]
-        logp, score = total.view(-1)[top.indices], top.values
-        length = torch.where(was_done, length[beam], length[beam] + 1)
-        done = was_done | (token == eot_id) if eot_id is not None else was_done
-        decoder.reorder(beam)
-        decoder.append(token)
-        if done.all():
+        # 2K candidates: even if the best K all end, K others remain to go on with
+        total, flat = (logp[:, None] + step_logp).view(-1).topk(min(2 * K, K * V))
+        beam, token = flat // V, flat % V
+        ends = token == eot_id if eot_id is not None else torch.zeros_like(token, dtype=torch.bool)
+        if length == max_new_tokens:
+            ends[:] = True
+        for rank in range(min(K, len(total))):
+            if ends[rank] and total[rank] > -float('inf'):
+                tokens = decoder.seq[beam[rank], T:].tolist() + [token[rank].item()]
+                finished.append((total[rank].item() / length ** length_penalty, tokens))
+        finished = sorted(finished, key=lambda h: -h[0])[:K]
+        live = (~ends).nonzero().flatten()[:K]
+        if len(live) == 0:
             break
-    # live beams are scored with their full length
-    hypotheses = []
-    for k in range(K):
-        if score[k] == -float('inf'):
-            continue  # a slot that never held a real beam (vocabulary smaller than num_beams)
-        hypotheses.append((score[k].item(), decoder.seq[k, T:T + length[k]].tolist()))
-    greedy = greedy_hypothesis(model, idx, max_new_tokens, length_penalty, repetition_penalty, eot_id,
-                               use_cache, vocab_size)
-    if all(tokens != greedy[1] for _, tokens in hypotheses):
-        hypotheses.append(greedy)
-    return sorted(hypotheses, key=lambda h: -h[0])
+        logp = total[live]
+        if len(live) < K:  # fewer live candidates than beams (a tiny vocabulary): fill with dead rows
+            logp = torch.cat((logp, logp.new_full((K - len(live),), -float('inf'))))
+            live = torch.cat((live, live[:1].repeat(K - len(live))))
+        decoder.reorder(beam[live])
+        decoder.append(token[live])
+        if len(finished) == K and logp[0].item() / length ** length_penalty <= finished[-1][0]:
+            break  # no live beam is on course to beat the finished ones
+    return finished or [(0.0, [])]
 
 
 @torch.no_grad()

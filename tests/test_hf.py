@@ -219,3 +219,60 @@ def test_fine_tune_and_evaluate_a_hugging_face_folder(tmp_path, bpe, char_datase
     assert_clean_error(wrong_tokenizer, 'another tokenizer')
     assert_clean_error(other_architecture, 'llama', 'not GPT-2')
     assert_clean_error(no_data, '--dataset', '--text')
+
+
+# ---------------------------------------------------------------------------- decoding against transformers
+
+EOS = 3
+
+
+def beam_models(tmp_path):
+    """Three random GPT-2s (through transformers and through load_gpt2), with an end-of-text token likely enough
+    that most searches finish some hypotheses early."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    for seed in range(3):
+        torch.manual_seed(seed)
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)).eval()
+        with torch.no_grad():
+            hf.lm_head.weight.mul_(4)
+            hf.lm_head.weight[EOS] *= 1.5
+        hf.save_pretrained(tmp_path / str(seed))
+        yield seed, hf, load_gpt2(str(tmp_path / str(seed)))[0]
+
+
+def test_beam_search_matches_transformers(tmp_path):
+    """36 searches with an end-of-text token: every hypothesis transformers returns, in its order, with its score.
+    (Before, a finished beam kept its slot and crowded out live ones: 3 to 4 of these 36 best beams differed.)"""
+    from generate import beam_search
+    cases = finished_early = 0
+    for seed, hf, ours in beam_models(tmp_path):
+        for p in range(4):
+            prompt = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(100 * seed + p))
+            for num_beams, length_penalty in ((2, 1.0), (4, 1.0), (4, 0.0)):
+                out = hf.generate(prompt, num_beams=num_beams, max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS,
+                                  length_penalty=length_penalty, do_sample=False, early_stopping=False,
+                                  num_return_sequences=num_beams, return_dict_in_generate=True, output_scores=True)
+                theirs = []
+                for row in out.sequences[:, 4:].tolist():  # padded with EOS after the first one
+                    theirs.append(row[:row.index(EOS) + 1] if EOS in row else row)
+                hypotheses = beam_search(ours, prompt, 12, num_beams, length_penalty, eot_id=EOS)
+                assert [tokens for _, tokens in hypotheses] == theirs, (seed, p, num_beams, length_penalty)
+                assert [score for score, _ in hypotheses] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+                cases += 1
+                finished_early += EOS in theirs[0]
+    assert cases == 36 and finished_early >= 10  # the end-of-text token is in play
+
+
+def test_top_p_matches_transformers_warper():
+    """The nucleus over GPT-2-sized vocabularies, against transformers' top-p warper computing in float64."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from generate import filter_top_p
+    g = torch.Generator().manual_seed(0)
+    for top_p in (0.5, 0.9, 0.95, 0.99):
+        for scale in (1.0, 3.0):
+            logits = torch.randn(16, 50257, generator=g) * scale
+            ours = torch.isfinite(filter_top_p(logits, top_p))
+            theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.double()))
+            assert torch.equal(ours, theirs), (top_p, scale, (ours != theirs).sum().item())
