@@ -303,7 +303,7 @@ class GPT(nn.Module):
         'initial_lr', which the trainer's schedule scales."""
         if optimizer == 'muon':
             groups = muon_param_groups(self.named_parameters(), muon_lr, learning_rate, weight_decay, betas,
-                                       muon_momentum)
+                                       muon_momentum, self.fused_matrices())
             return MuonWithAdamW(groups)
         if optimizer != 'adamw':
             raise ValueError(f"optimizer={optimizer!r} is not one of adamw, muon")
@@ -318,6 +318,17 @@ class GPT(nn.Module):
         for group in optimizer.param_groups:
             group['initial_lr'] = learning_rate
         return optimizer
+
+    def fused_matrices(self):
+        """The weights that stack several matrices by rows, by name, with how many: each attention's query, key
+        and value projections (3) and SwiGLU's gate and value (2). Muon orthogonalises each part on its own."""
+        fused = {}
+        for name, _ in self.named_parameters():
+            if name.endswith('attn.c_attn.weight'):
+                fused[name] = 3
+            elif name.endswith('mlp.c_fc.weight') and self.config.activation == 'swiglu':
+                fused[name] = 2
+        return fused
 
     def flops_per_token(self):
         """Training FLOPs per token, from the PaLM paper's appendix B (https://arxiv.org/abs/2204.02311)."""

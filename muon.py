@@ -43,7 +43,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 class MuonWithAdamW(torch.optim.Optimizer):
     """
     One optimizer, two update rules, chosen per param group by group['use_muon']:
-      Muon groups:  lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
+      Muon groups:  lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0, and optionally parts: one
+                    number per param, how many matrices it stacks by rows (a fused q/k/v projection is 3), each
+                    of which is orthogonalised on its own
       AdamW groups: lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0
     Every group must give 'lr'. State is plain per-parameter tensors, so state_dict()/load_state_dict()
     round-trip exactly (checkpoint resume).
@@ -68,8 +70,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for k, v in defaults.items():
             param_group.setdefault(k, v)
         super().add_param_group(param_group)
-        if param_group['use_muon'] and any(p.ndim < 2 for p in self.param_groups[-1]['params']):
+        params = self.param_groups[-1]['params']
+        if param_group['use_muon'] and any(p.ndim < 2 for p in params):
             raise ValueError("Muon is for weight matrices; put 1-D gains/biases in a use_muon=False (AdamW) group")
+        parts = param_group.get('parts')
+        if parts is not None and (len(parts) != len(params) or any(p.size(0) % n for p, n in zip(params, parts))):
+            raise ValueError("a Muon group's 'parts' needs one number per param, dividing its number of rows")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,7 +92,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group):
         lr, momentum, wd = group['lr'], group['momentum'], group['weight_decay']
-        for p in group['params']:
+        for p, parts in zip(group['params'], group.get('parts') or [1] * len(group['params'])):
             if p.grad is None:
                 continue
             g = p.grad
@@ -98,10 +104,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
             # nesterov: look ahead along the momentum. (Keller's code uses the EMA form buf.lerp_(g, 1-momentum),
             # which only rescales the update by (1-momentum); the orthogonalisation removes that scale.)
             update = g.add(buf, alpha=momentum) if group['nesterov'] else buf
-            # conv-style weights (>2-D) are treated as (out, in * kernel) matrices
-            update = zeropower_via_newtonschulz5(update.reshape(update.size(0), -1), steps=group['ns_steps'])
+            # conv-style weights (>2-D) are treated as (out, in * kernel) matrices; a stack of `parts` matrices (the
+            # fused query/key/value projection) as a batch of them, each orthogonalised on its own
+            update = update.reshape(parts, update.size(0) // parts, -1)
+            update = zeropower_via_newtonschulz5(update, steps=group['ns_steps'])
             # an orthogonal update has RMS ~ 1/sqrt(max(rows, cols)); this keeps tall matrices' RMS comparable
-            update *= max(1, update.size(0) / update.size(1)) ** 0.5
+            update *= max(1, update.size(-2) / update.size(-1)) ** 0.5
             p.mul_(1 - lr * wd)  # decoupled weight decay, as in AdamW
             p.add_(update.reshape(p.shape), alpha=-lr)
 
@@ -128,15 +136,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
             p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
-def muon_param_groups(named_params, muon_lr, adam_lr, weight_decay, betas, muon_momentum=0.95):
+def muon_param_groups(named_params, muon_lr, adam_lr, weight_decay, betas, muon_momentum=0.95, parts=None):
     """
     Split a GPT's parameters into the three groups MuonWithAdamW wants:
-      Muon:                 2-D weights inside the transformer blocks (name contains '.h.')
+      Muon:                 2-D weights inside the transformer blocks (name contains '.h.'); parts maps the
+                            names of fused ones to how many matrices they stack
       AdamW + weight decay: other matrices (wte, wpe, lm_head)
       AdamW, no decay:      1-D gains and biases (decaying them only hurts, as in nanoGPT)
     Each group stores 'initial_lr' so the trainer can set group['lr'] = group['initial_lr'] * lr_factor(it).
     """
-    muon, decay, no_decay = [], [], []
+    muon, muon_parts, decay, no_decay = [], [], [], []
     seen = set()
     for name, p in named_params:
         # a tied lm_head/wte is one tensor: give it to one group only
@@ -145,12 +154,13 @@ def muon_param_groups(named_params, muon_lr, adam_lr, weight_decay, betas, muon_
         seen.add(id(p))
         if p.ndim >= 2 and '.h.' in name:
             muon.append(p)
+            muon_parts.append((parts or {}).get(name, 1))
         elif p.ndim >= 2:
             decay.append(p)
         else:
             no_decay.append(p)
     groups = [
-        dict(params=muon, use_muon=True, lr=muon_lr, momentum=muon_momentum),
+        dict(params=muon, use_muon=True, lr=muon_lr, momentum=muon_momentum, parts=muon_parts),
         dict(params=decay, use_muon=False, lr=adam_lr, betas=betas, weight_decay=weight_decay),
         dict(params=no_decay, use_muon=False, lr=adam_lr, betas=betas, weight_decay=0.0),
     ]

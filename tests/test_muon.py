@@ -231,3 +231,35 @@ def test_muon_param_groups_split():
     groups = muon_param_groups(list(model.named_parameters()) + [('lm_head.weight', model.lm_head.weight)],
                                0.02, 6e-4, 0.1, (0.9, 0.95))
     MuonWithAdamW(groups)  # torch raises if a tensor appears in two groups
+
+
+@pytest.mark.parametrize('parts,rows,cols', [(3, 48, 16), (2, 64, 24)], ids=['qkv', 'swiglu'])
+def test_fused_matrices_are_orthogonalised_part_by_part(parts, rows, cols):
+    """A fused projection stacks `parts` matrices by rows (queries, keys, values; SwiGLU's gate and value). With
+    momentum 0 and lr 1 the step is the update itself: each part must be orthogonal on its own (singular values
+    near 1, as Newton-Schulz leaves them), scaled for its own shape, as the reference computes part by part."""
+    torch.manual_seed(0)
+    W0, g = torch.randn(parts * rows, cols), torch.randn(parts * rows, cols)
+    p = W0.clone().requires_grad_()
+    opt = MuonWithAdamW([dict(params=[p], use_muon=True, lr=1.0, momentum=0.0, parts=[parts])])
+    p.grad = g.clone()
+    opt.step()
+    update = (W0 - p.detach()).view(parts, rows, cols)
+    for i in range(parts):
+        part = g.view(parts, rows, cols)[i]
+        torch.testing.assert_close(update[i], reference_newtonschulz5(part) * (rows / cols) ** 0.5, rtol=1e-4, atol=1e-5)
+        s = torch.linalg.svdvals(update[i] / (rows / cols) ** 0.5)
+        assert s.min() > 0.5 and s.max() < 1.5, (i, s.min(), s.max())
+    with pytest.raises(ValueError, match="'parts'"):
+        MuonWithAdamW([dict(params=[nn.Parameter(torch.zeros(10, 4))], use_muon=True, lr=0.02, parts=[3])])
+
+
+def test_gpt_names_its_fused_matrices_for_muon():
+    from model import GPT, GPTConfig
+    for activation, expected in (('gelu', {'attn.c_attn.weight': 3}),
+                                 ('swiglu', {'attn.c_attn.weight': 3, 'mlp.c_fc.weight': 2})):
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, activation=activation))
+        assert model.fused_matrices() == {f'transformer.h.{i}.{k}': n for i in range(2) for k, n in expected.items()}
+        muon = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon').param_groups[0]
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert {names[id(p)]: n for p, n in zip(muon['params'], muon['parts']) if n > 1} == model.fused_matrices()
