@@ -100,3 +100,22 @@ def test_a_failing_run_names_the_side_and_the_reason(char_dataset):
     proc = run_bench(*TINY_BENCH, f'--dataset={char_dataset}', '--n_layr=2')
     assert proc.returncode == 2
     assert_clean_error(proc, 'A (python train.py', "unknown config key 'n_layr'")
+
+
+def test_gpu_acceptance_script_says_it_needs_a_gpu():
+    proc = run('bench_gpu.py', '--device=cpu', check=False)
+    assert proc.returncode == 2
+    assert_clean_error(proc, 'measures a CUDA GPU', '--tiny=True')
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_script_rehearses_on_the_cpu(char_dataset):
+    """Every step of the GPU run (both Shakespeare configs to a target, the GPT-2 shape's throughput on random
+    tokens, KV-cache sampling, a torchrun save-resume-finish) with tiny models, ending in the table."""
+    proc = run('bench_gpu.py', '--tiny=True', '--device=cpu', f'--dataset={char_dataset}')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = proc.stdout[proc.stdout.index('rehearsal (--tiny=True)'):]
+    assert re.search(r'config/shakespeare_char_speedrun.py to val loss 4.5 +val [\d.]+ at step \d+ after', table)
+    assert re.search(r'GPT-2 124M, bf16, compiled: ms per step +[\d.]+$', table, re.M)
+    assert re.search(r'tokens/s\) +[\d,]+ with the cache, [\d,]+ without .*same tokens: yes$', table, re.M)
+    assert re.search(r'torchrun, 1 process: train, save, resume, finish +ok in \d+ s$', table, re.M)

@@ -1,0 +1,142 @@
+"""
+The GPU acceptance run: one command on one CUDA GPU, about 8 minutes, one table of the figures the README
+quotes for GPUs.
+
+    python data/shakespeare_char/prepare.py     # once
+    python bench_gpu.py
+
+1. config/shakespeare_char.py against config/shakespeare_char_speedrun.py, each stopped at val loss 1.4697
+   (nanoGPT's baby GPT's best): wall time and steps, side by side.
+2. GPT-2 124M's shape as config/gpt2_124m_speedrun.py trains it (bfloat16, torch.compile): ms per iteration,
+   tokens per second, MFU and peak memory over gpt2_steps steps, on random tokens (speed does not depend on
+   the text, and OpenWebText takes hours to prepare).
+3. KV-cache sampling (bench_sample.py on the GPU): tokens per second with and without the cache.
+4. A one-GPU torchrun run that saves, resumes and finishes: the launcher path multi-GPU users take.
+
+Every training figure comes from train.py's own log, read by bench.py. Without a CUDA GPU it says so and
+exits 2; --tiny=True rehearses the whole script in a minute on any device, with tiny models (it checks the
+script, it measures nothing).
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import bench
+from configurator import configure, fail
+from dataset import dataset_dir
+
+# -----------------------------------------------------------------------------
+device = 'cuda'  # the GPU to measure
+dataset = 'shakespeare_char'  # for the two Shakespeare runs and the torchrun run: prepare it first
+target = 1.4697  # the val loss both Shakespeare configs race to
+gpt2_steps = 50  # optimizer steps of the GPT-2 124M throughput run (the first few, compiling, are not counted)
+tiny = False  # rehearse with tiny models and step counts, on any device: checks the script, measures nothing
+# -----------------------------------------------------------------------------
+configure(globals())
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY_MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--warmup_iters=5',
+              '--gradient_accumulation_steps=1', '--eval_iters=2', '--compile=False', '--dtype=float32']
+
+if not tiny:
+    import torch
+    if not (device.startswith('cuda') and torch.cuda.is_available()):
+        fail(f'bench_gpu.py measures a CUDA GPU and {device!r} is none here: run it on a GPU machine '
+             f'(--tiny=True rehearses it anywhere)')
+data_dir = dataset_dir(dataset)
+if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+    fail(f'no prepared dataset in {data_dir}: run `python data/shakespeare_char/prepare.py` first')
+common = [f'--device={device}', f'--dataset={dataset}'] + (TINY_MODEL if tiny else [])
+
+
+def train_run(args, target=None, steps=None):
+    """One train.py run through bench.py; its summary (a failed run ends this script, saying which)."""
+    run = bench.run_train(args, target, steps)
+    if run['returncode'] != 0:
+        print('\n'.join(run['lines'][-15:]), file=sys.stderr)
+        fail(f"python train.py {' '.join(args)} failed with exit code {run['returncode']}")
+    return bench.summarize(run)
+
+
+def random_token_dataset(folder, vocab_size=50257, tokens=20_000_000):
+    """GPT-2-sized token ids at random, as a prepared dataset: what the throughput run reads."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', tokens), ('val', tokens // 10)):
+        rng.integers(0, vocab_size, n, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
+    with open(os.path.join(folder, 'meta.json'), 'w', encoding='utf-8') as f:
+        f.write(f'{{"tokenizer": {{"kind": "tiktoken", "name": "gpt2"}}, "vocab_size": {vocab_size}, "dtype": "uint16"}}')
+
+
+def sampling_speed():
+    """bench_sample.py's tokens per second with and without the cache, and whether they gave the same tokens."""
+    args = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--max_new_tokens=100'] if tiny else []
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench_sample.py'), f'--device={device}', *args],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        fail(f'bench_sample.py failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}')
+    speed = {m[0]: float(m[1]) for m in re.findall(r'(with cache|no cache): .* ([\d.]+) tokens/s', proc.stdout)}
+    return speed['with cache'], speed['no cache'], 'without the cache: yes' in proc.stdout
+
+
+def torchrun_smoke(out_dir):
+    """train.py under torchrun with one process: train, save, resume, finish. Returns the seconds it took."""
+    steps, evals = (6, ['--eval_interval=3']) if tiny else (20, ['--eval_interval=10', '--eval_iters=5'])
+    base = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+            os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'config', 'shakespeare_char.py'), *common, *evals,
+            f'--out_dir={out_dir}', '--log_interval=5']
+    t0 = time.perf_counter()
+    for args in ([f'--max_iters={steps // 2}'], [f'--max_iters={steps}', '--init_from=resume']):
+        proc = subprocess.run([*base, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
+            fail(f'the torchrun run ({" ".join(args)}) failed with exit code {proc.returncode}')
+    if 'Resuming training' not in proc.stdout or f'step {steps}:' not in proc.stdout:
+        fail('the torchrun run did not resume from its checkpoint and finish')
+    return time.perf_counter() - t0
+
+
+rows = []
+# 1. the two Shakespeare configs, to the same target
+race_target = 4.5 if tiny else target
+race_steps = 30 if tiny else None
+race = {}
+for name in ('shakespeare_char.py', 'shakespeare_char_speedrun.py'):
+    race[name] = s = train_run([os.path.join(ROOT, 'config', name), *common, '--eval_interval=10' if tiny else '--log_interval=10'],
+                               race_target, race_steps)
+    reached = (f"val {s['target_val_loss']:.4f} at step {s['target_step']} after {s['time_to_target']:.1f} s"
+               if s['time_to_target'] is not None else f"missed: last val {bench.fmt(s['last_val_loss'], '.4f')} ({s['wall']:.0f} s)")
+    rows.append((f'config/{name} to val loss {race_target:g}', reached))
+a, b = (race[n]['time_to_target'] for n in race)
+rows.append(('speedrun / baseline wall time to the target', f'{b / a:.2f} ({a / b:.1f}x as fast)' if a and b else '-'))
+
+# 2. GPT-2 124M throughput
+with tempfile.TemporaryDirectory() as folder:
+    random_token_dataset(folder, tokens=200_000 if tiny else 20_000_000)
+    gpt2_args = [os.path.join(ROOT, 'config', 'gpt2_124m_speedrun.py'), f'--device={device}', f'--dataset={folder}',
+                 '--eval_interval=100000', '--eval_iters=1', '--log_interval=1']
+    s = train_run(gpt2_args + (TINY_MODEL if tiny else []), steps=5 if tiny else gpt2_steps)
+rows.append(('GPT-2 124M, bf16, compiled: ms per step', bench.fmt(s['ms_per_iter'], '.1f')))
+rows.append(('  tokens per second', bench.fmt(s['tokens_per_sec'], ',.0f')))
+rows.append(('  MFU', bench.fmt(s['mfu'], '.1%')))
+rows.append(('  peak memory (MiB)', bench.fmt(s['peak_memory_mib'], ',.0f')))
+
+# 3. sampling
+cached, uncached, same = sampling_speed()
+rows.append(('KV-cache sampling, 1,000 greedy tokens, baby GPT (tokens/s)',
+             f'{cached:,.0f} with the cache, {uncached:,.0f} without ({cached / uncached:.1f}x); same tokens: {"yes" if same else "NO"}'))
+
+# 4. torchrun
+with tempfile.TemporaryDirectory() as out:
+    rows.append(('torchrun, 1 process: train, save, resume, finish', f'ok in {torchrun_smoke(out):.0f} s'))
+
+import torch
+print(f"\n{torch.cuda.get_device_name(device) if not tiny else 'rehearsal (--tiny=True): tiny models, the figures measure nothing'}, "
+      f"PyTorch {torch.__version__}")
+width = max(len(r[0]) for r in rows)
+for what, figure in rows:
+    print(f'{what:{width}}  {figure}')
