@@ -12,6 +12,7 @@ Conv1D layers, which store the transpose of an nn.Linear's weight. A config we c
 """
 import base64
 import contextlib
+import inspect
 import json
 import os
 import tempfile
@@ -300,5 +301,8 @@ def tiktoken_backend(encoding):
         with open(path, 'wb') as f:
             for token, rank in sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1]):
                 f.write(base64.b64encode(token) + b' ' + str(rank).encode() + b'\n')
+        # transformers 5 renamed additional_special_tokens to extra_special_tokens
+        special = ('extra_special_tokens' if 'extra_special_tokens' in inspect.signature(TikTokenConverter).parameters
+                   else 'additional_special_tokens')
         return TikTokenConverter(vocab_file=path, pattern=encoding._pat_str,
-                                 extra_special_tokens=encoding._special_tokens).converted()
+                                 **{special: encoding._special_tokens}).converted()

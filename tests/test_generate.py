@@ -282,9 +282,9 @@ def test_stop_strings_and_end_of_text_end_a_completion():
                          ids=['gpt2', 'rotary'])
 def test_compiled_decoding_compiles_a_few_graphs_and_gives_the_same_tokens(overrides):
     """torch.compile (graphs counted by a backend that runs them as they are, no inductor): a prefill, the
-    one-token step, and one graph for prompts and refills of any other length, however many steps, window
-    jumps and prompts follow. Before, every layer and cache position was a graph of its own (dynamo's
-    recompile limit came within 2 tokens)."""
+    one-token step, and one graph for prompts and refills of any other length (PyTorch 2.8+; 2.6 takes one
+    more), however many steps, window jumps and prompts follow. Before, every layer and cache position was a
+    graph of its own (dynamo's recompile limit came within 2 tokens)."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
@@ -296,21 +296,26 @@ def test_compiled_decoding_compiles_a_few_graphs_and_gives_the_same_tokens(overr
         eager = model.generate(prompt, 3 * BLOCK, temperature=0)
         tokens = torch.stack(list(generate_tokens(compiled, prompt, 3 * BLOCK, temperature=0)), dim=1)
         assert torch.equal(torch.cat([prompt, tokens], dim=1), eager)
-    assert counter.frame_count == 3
+    assert counter.frame_count <= 4
 
 
 @pytest.mark.parametrize('overrides', [dict(), dict(position='rotary', norm='rmsnorm', qk_norm=True, bias=False)],
                          ids=['gpt2', 'rotary'])
-def test_kv_cache_under_bfloat16_autocast_is_bfloat16_and_gives_the_no_cache_tokens(overrides):
+def test_kv_cache_under_bfloat16_autocast_is_bfloat16_and_follows_the_no_cache_logits(overrides):
+    """Under bf16 autocast the cache holds bfloat16 (what the matmuls give), and each step's logits stay within
+    bfloat16 rounding of a no-cache forward pass over the same tokens (both decoders are fed the same tokens,
+    so a near-tie that rounding tips one way cannot make the two runs part)."""
     model = tiny_gpt(**overrides)
     prompt = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(5))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        decoder = Decoder(model, prompt)
-        decoder.next_logits()
-        assert decoder.cache.k.dtype == decoder.cache.v.dtype == torch.bfloat16
-        with_cache = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=True)
-        without = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=False)
-    assert torch.equal(with_cache, without)
+        cached, plain = Decoder(model, prompt, use_cache=True), Decoder(model, prompt, use_cache=False)
+        for step in range(3 * BLOCK):  # past block_size: window jumps and cache refills
+            a, b = cached.next_logits(), plain.next_logits()
+            if step == 0:
+                assert cached.cache.k.dtype == cached.cache.v.dtype == torch.bfloat16
+            torch.testing.assert_close(a, b, atol=0.02 * b.abs().max().item(), rtol=0, msg=f'step {step}')
+            token = b.argmax(-1)
+            cached.append(token), plain.append(token)
     decoder = Decoder(model, prompt)  # without autocast, the weights' float32
     decoder.next_logits()
     assert decoder.cache.k.dtype == torch.float32

@@ -1,6 +1,7 @@
 """Tokenizer round trips, descriptions and error messages, for every kind. Offline: the tiktoken test
 reads GPT-2's files from ../shared when they are there; the hf tests build their tokenizers here."""
 import json
+import shutil
 import os
 import sys
 from pathlib import Path
@@ -239,12 +240,12 @@ def test_hf_gpt2_matches_tiktoken_gpt2(gpt2, tmp_path, hub_offline):
     if not TIKTOKEN_CACHE.is_dir():
         pytest.skip(f'needs the GPT-2 files in {TIKTOKEN_CACHE}')
     from transformers import GPT2TokenizerFast
-    encoder_json = TIKTOKEN_CACHE / '6c7ea1a7e38e3a7f062df639a5b80947f075ffe6'  # tiktoken's cache names
-    vocab_bpe = TIKTOKEN_CACHE / '6d1cbeee0f20b3d9449abfede4726ed8212e3aee'
-    vocab = json.loads(encoder_json.read_text(encoding='utf-8'))
-    merges = [tuple(line.split(' ')) for line in vocab_bpe.read_text(encoding='utf-8').splitlines()[1:] if line]
-    GPT2TokenizerFast(vocab=vocab, merges=merges).save_pretrained(tmp_path)
-    hf = make_tokenizer('hf', name=str(tmp_path))
+    files = tmp_path / 'files'  # GPT-2's own file names for tiktoken's cached copies
+    files.mkdir()
+    shutil.copy(TIKTOKEN_CACHE / '6c7ea1a7e38e3a7f062df639a5b80947f075ffe6', files / 'vocab.json')
+    shutil.copy(TIKTOKEN_CACHE / '6d1cbeee0f20b3d9449abfede4726ed8212e3aee', files / 'merges.txt')
+    GPT2TokenizerFast.from_pretrained(files).save_pretrained(tmp_path / 'hf')
+    hf = make_tokenizer('hf', name=str(tmp_path / 'hf'))
     assert (hf.vocab_size, hf.eot_id) == (gpt2.vocab_size, gpt2.eot_id)
     text = MULTILINGUAL + UNSEEN + ' <|endoftext|> '
     assert hf.encode(text) == gpt2.encode(text)
