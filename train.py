@@ -114,7 +114,6 @@ if ddp:
         torch.cuda.set_device(device)
     init_process_group(backend=backend if device.startswith('cuda') else 'gloo')
     master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
-    seed_offset = ddp_rank  # each process gets a different seed
     # world_size processes train simultaneously: scale down the accumulation steps of each
     if gradient_accumulation_steps % ddp_world_size:
         fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the {ddp_world_size} processes')
@@ -122,13 +121,12 @@ if ddp:
 else:
     master_process = True
     ddp_rank = 0
-    seed_offset = 0
     ddp_world_size = 1
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f'tokens per iteration will be: {tokens_per_iter:,}')
     os.makedirs(out_dir, exist_ok=True)
-torch.manual_seed(seed + seed_offset)
+torch.manual_seed(seed + ddp_rank)  # each process gets a different seed
 if threads:
     torch.set_num_threads(threads)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
@@ -153,7 +151,7 @@ for split, length in split_lengths.items():
         fail(f'{data_dir}/{split}.bin holds {length} tokens, too few for block_size={block_size}: use a smaller --block_size or more text')
 bytes_per_token = meta.get('bytes_per_token')
 # the sampler's state is saved in checkpoints, so a resumed run draws the same batches it would have
-data_rng = np.random.default_rng(seed + seed_offset)
+data_rng = np.random.default_rng(seed + ddp_rank)
 
 
 def get_batch(split, rng):
@@ -262,7 +260,7 @@ def estimate_loss():
     out = {}
     model.eval()
     for split in ('train', 'val'):
-        rng = np.random.default_rng([seed, seed_offset, 1 if split == 'val' else 0])
+        rng = np.random.default_rng([seed, ddp_rank, 1 if split == 'val' else 0])
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             X, Y = get_batch(split, rng)
