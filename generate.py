@@ -99,7 +99,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                     use_cache=True, vocab_size=None):
     """Yield the next token of every row of idx (B, T), as a (B,) tensor, max_new_tokens times.
     vocab_size: only ids below it may be picked (the tokenizer's size, when the model's is padded)."""
-    decoder = Decoder(model, idx, use_cache)
+    decoder = Decoder(model, idx, use_cache, max_new_tokens)
     for _ in range(max_new_tokens):
         token = sample_token(_next_logits(decoder, repetition_penalty, vocab_size), temperature, top_k, top_p)
         decoder.append(token)
@@ -117,7 +117,7 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, repet
     stops at max_new_tokens, or once num_beams hypotheses are finished and the best live beam, scored at its
     length so far, does not beat the worst of them. Returns the finished [(score, tokens)], best first."""
     K, T = num_beams, idx.size(1)
-    decoder = Decoder(model, idx.repeat(K, 1), use_cache)
+    decoder = Decoder(model, idx.repeat(K, 1), use_cache, max_new_tokens)
     logp = torch.full((K,), -float('inf'), device=idx.device)
     logp[0] = 0.0  # the K beams start as the same prompt: extend only one of them at first
     finished = []

@@ -12,7 +12,7 @@ References:
 """
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,18 @@ class GPTConfig:
     logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
 
     def __post_init__(self):
+        """One-line ValueErrors for values that would fail later or mean nothing (a config may come from a file)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float) if f.type is float else f.type) or (f.type is not bool and isinstance(value, bool)):
+                raise ValueError(f'{f.name}={value!r} must be {f.type.__name__}')
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, key) < 1:
+                raise ValueError(f'{key}={getattr(self, key)} must be at least 1')
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f'dropout={self.dropout} must be in [0, 1)')
+        if not (self.rope_base > 0 and self.logit_softcap >= 0):
+            raise ValueError(f'rope_base={self.rope_base} must be positive, logit_softcap={self.logit_softcap} not negative')
         for key, allowed in (('activation', ACTIVATIONS), ('position', POSITIONS), ('norm', NORMS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -68,9 +80,12 @@ class Norm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def rotary_tables(head_dim, length, base):
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+def rotary_tables(head_dim, positions, base):
+    """cos and sin of the rotation angles of each position, (len(positions), head_dim // 2). Computed for the
+    positions of each forward pass: a few hundred numbers, where tables for the whole block_size would be memory
+    a checkpoint's config alone decides."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = torch.outer(positions.float(), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -205,10 +220,6 @@ class GPT(nn.Module):
         ))
         if config.position == 'learned':
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:
-            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
-            self.register_buffer('rope_cos', cos, persistent=False)
-            self.register_buffer('rope_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # weight tying: the same matrix embeds tokens and scores them (https://paperswithcode.com/method/weight-tying)
@@ -251,11 +262,12 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f'cannot forward {past + T} positions, block_size is only {self.config.block_size}')
         x = self.transformer.wte(idx)
+        positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         rotary = None
         if self.config.position == 'learned':
-            x = x + self.transformer.wpe(torch.arange(past, past + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         else:
-            rotary = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+            rotary = rotary_tables(self.config.n_embd // self.config.n_head, positions, self.config.rope_base)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rotary, cache)
@@ -293,8 +305,6 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         if self.config.position == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        else:
-            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
                              muon_lr=0.02, muon_momentum=0.95):
@@ -389,13 +399,15 @@ class Decoder:
     next_logits() gives the next position's (B, vocab) float32 logits; append(tokens) extends each row.
     Once the sequence outgrows block_size, the context window jumps forward by half a block (keeping
     the newest half): the cache is refilled once per half block instead of every step, and the
-    no-cache path uses exactly the same windows, so both give identical tokens."""
+    no-cache path uses exactly the same windows, so both give identical tokens. With max_new_tokens, the
+    cache holds only the positions that many tokens can reach (at most block_size)."""
 
-    def __init__(self, model, idx, use_cache=True):
+    def __init__(self, model, idx, use_cache=True, max_new_tokens=None):
         self.model, self.seq, self.use_cache = model, idx, use_cache
         if not model.training:
             model.use_decoding_layout()
         self.block = model.config.block_size
+        self.cache_len = self.block if max_new_tokens is None else min(self.block, idx.size(1) + max_new_tokens)
         self.start = max(0, idx.size(1) - self.block)  # a long prompt keeps its last block_size tokens
         self.cache = None
         self.fresh = idx.size(1)  # tokens not yet fed through the model
@@ -406,7 +418,7 @@ class Decoder:
             self.start = self.seq.size(1) - self.block // 2
             self.cache = None  # positions shifted: the cached keys no longer apply
         if self.use_cache and self.cache is None:
-            self.cache = KVCache(self.model.config, self.seq.size(0), self.block, self.seq.device,
+            self.cache = KVCache(self.model.config, self.seq.size(0), self.cache_len, self.seq.device,
                                  compute_dtype(self.model.lm_head.weight))
             self.fresh = self.seq.size(1) - self.start
         # the tokens to feed, made here, outside inference mode, and contiguous: to torch.compile, a tensor made in

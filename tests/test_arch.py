@@ -12,7 +12,7 @@ from conftest import TINY_TRAIN, assert_clean_error, run, torchrun, val_losses
 from safetensors.torch import load_file
 
 from checkpoint import load_model, save_checkpoint
-from model import GPT, MLP, Decoder, GPTConfig, KVCache, apply_rotary
+from model import GPT, MLP, Decoder, GPTConfig, KVCache, apply_rotary, rotary_tables
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=32, dropout=0.0)
 SPEEDRUN = dict(activation='relu2', position='rotary', norm='rmsnorm', qk_norm=True, tie_weights=False,
@@ -134,7 +134,7 @@ def test_rotary_is_a_rotation_by_position():
     """Rotary equals multiplying each (i, i + d/2) channel pair, read as a complex number, by e^(i * pos * freq);
     so a query at position m and a key at position n score by their offset m - n alone."""
     model = tiny_model(position='rotary')
-    cos, sin = model.rope_cos, model.rope_sin
+    cos, sin = rotary_tables(TINY['n_embd'] // TINY['n_head'], torch.arange(16), 10000.0)
     head_dim = TINY['n_embd'] // TINY['n_head']
     torch.manual_seed(0)
     x = torch.randn(1, 1, 16, head_dim)
