@@ -24,9 +24,21 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
+def fsync_dir(folder):
+    """Make the renames in folder durable (a power cut after them cannot bring the old names back). POSIX only:
+    Windows has no directory handles to flush."""
+    if os.name != 'nt':
+        fd = os.open(folder or '.', os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write_bytes(path, write):
     """Call write(file) on a temporary file beside path, then rename it over path: a crash mid-write
-    never leaves a truncated file under the real name."""
+    never leaves a truncated file under the real name. A failed write (a full disk) removes the temporary
+    file, even when closing it fails too."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
@@ -34,6 +46,7 @@ def atomic_write_bytes(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -43,63 +56,92 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8')))
 
 
-class SplitWriter:
-    """Appends token ids to one split's .bin file as they come, so memory stays bounded whatever the
-    corpus size. The ids go to a temporary file beside it; commit() puts that in place. Leaving the
-    `with` block without commit() (an error, Ctrl-C) removes the temporary file: nothing half-written
-    is left behind."""
+class DatasetWriter:
+    """Writes a dataset: token ids appended to each split as they come (memory stays bounded whatever the
+    corpus size), then meta.json (and a trained BPE's tokenizer.json). Every file goes to a temporary name
+    beside its own, and commit() puts them in place only once all are complete, meta.json last. A full disk,
+    an error or Ctrl-C before that leaves the folder's previous dataset as it was, and no temporary behind.
 
-    def __init__(self, folder, split, dtype):
-        self.folder, self.dtype, self.tokens = folder, np.dtype(dtype), 0
-        self.path = os.path.join(folder, f'{split}.bin')
-        self.tmp = f'{self.path}.tmp{os.getpid()}'
-        self._file = open(self.tmp, 'wb')
+        with DatasetWriter(folder, tokenizer) as out:
+            out.write('train', ids)
+            ...
+            meta = out.commit(train_tokens=..., **stats)
+    """
 
-    def write(self, ids):
+    SPLITS = ('train', 'val')
+
+    def __init__(self, folder, tokenizer):
+        self.folder, self.tokenizer = folder, tokenizer
+        self.dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+        self.tokens = dict.fromkeys(self.SPLITS, 0)
+        self._temporaries = {}  # final path -> its temporary
+        self._files = {}
+        for split in self.SPLITS:
+            self._files[split] = open(self._temporary(f'{split}.bin'), 'wb')
+
+    def _temporary(self, name):
+        path = os.path.join(self.folder, name)
+        self._temporaries[path] = f'{path}.tmp{os.getpid()}'
+        return self._temporaries[path]
+
+    def write(self, split, ids):
         ids = np.asarray(ids)
         if ids.size and ids.max() > np.iinfo(self.dtype).max:
             raise DatasetError(f'token id {ids.max()} does not fit {self.dtype.name}')
-        self._file.write(ids.astype(self.dtype, copy=False).tobytes())
-        self.tokens += ids.size
+        self._files[split].write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens[split] += ids.size
 
-    def commit(self):
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        # the folder's meta.json describes the old .bin files: remove it first, so a crash before the new
-        # one is written leaves a dataset that says it is incomplete, never one that mixes old and new
-        meta = os.path.join(self.folder, META_NAME)
-        if os.path.exists(meta):
-            os.remove(meta)
-        os.replace(self.tmp, self.path)
+    def commit(self, **stats):
+        """Finish every file, then put them all in place; returns the meta."""
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        meta = dict(tokenizer=self.tokenizer.describe(), vocab_size=self.tokenizer.vocab_size, dtype=self.dtype.name,
+                    **stats)
+        files = {}
+        if 'tokenizer_json' in meta['tokenizer']:
+            # a trained BPE also as tokenizer.json, for other tools; our scripts read the copy in meta.json
+            files['tokenizer.json'] = meta['tokenizer']['tokenizer_json'].encode('utf-8')
+        files[META_NAME] = json.dumps(meta, indent=2, ensure_ascii=False).encode('utf-8')
+        for name, data in files.items():
+            with open(self._temporary(name), 'wb') as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        # everything is on disk: swap. The old meta.json goes first, so a crash in the middle leaves a dataset
+        # that says it is incomplete, never one that mixes old and new files
+        meta_path = os.path.join(self.folder, META_NAME)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for path, tmp in sorted(self._temporaries.items(), key=lambda item: item[0] == meta_path):
+            os.replace(tmp, path)
+        fsync_dir(self.folder)
+        return meta
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self._file.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+    def __exit__(self, kind, error, traceback):
+        for f in self._files.values():
+            try:
+                f.close()
+            except OSError:
+                pass  # a full disk can fail the close too: the temporary goes all the same
+        for tmp in self._temporaries.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if isinstance(error, OSError):  # a full disk, a quota, a folder that went away: one line for the user
+            raise DatasetError(f'cannot write the dataset to {self.folder}: {error.strerror or error}; '
+                               f'what was there before is unchanged') from None
 
 
-def write_split(folder, split, ids, dtype):
-    """Write one split's token ids as a flat binary array."""
-    with SplitWriter(folder, split, dtype) as writer:
-        writer.write(ids)
-        writer.commit()
-
-
-def save_meta(folder, tokenizer, **stats):
-    """Record the tokenizer and the on-disk dtype beside the .bin files. Written last by every prepare
-    script, so a dataset whose meta.json exists is complete."""
-    meta = dict(tokenizer=tokenizer.describe(), vocab_size=tokenizer.vocab_size,
-                dtype=np.dtype(token_dtype(tokenizer.vocab_size)).name, **stats)
-    if 'tokenizer_json' in meta['tokenizer']:
-        # a trained BPE also as tokenizer.json, for other tools; our scripts read the copy in meta.json
-        tokenizer_json = meta['tokenizer']['tokenizer_json']
-        atomic_write_bytes(os.path.join(folder, 'tokenizer.json'), lambda f: f.write(tokenizer_json.encode('utf-8')))
-    atomic_write_json(os.path.join(folder, META_NAME), meta)
-    return meta
+def write_dataset(folder, tokenizer, ids, **stats):
+    """Write a dataset whose token ids are at hand: ids maps 'train' and 'val' to sequences. Returns the meta."""
+    with DatasetWriter(folder, tokenizer) as out:
+        for split, split_ids in ids.items():
+            out.write(split, split_ids)
+        return out.commit(train_tokens=out.tokens['train'], val_tokens=out.tokens['val'], **stats)
 
 
 def prepare_command(folder):
@@ -170,7 +212,9 @@ def read_text(input_path, url, cache_path, encoding_errors='strict'):
 
 def decode_utf8(raw, path, encoding_errors='strict', start_byte=0, start_line=1):
     """raw (a piece of path starting at byte start_byte, line start_line) as text; bytes that are not
-    UTF-8 raise a DatasetError saying where they are."""
+    UTF-8 raise a DatasetError saying where they are (encoding_errors='strict'), or are replaced or dropped."""
+    if encoding_errors not in ('strict', 'replace', 'ignore'):
+        raise DatasetError(f"encoding_errors={encoding_errors!r}: use 'strict', 'replace' or 'ignore'")
     try:
         return raw.decode('utf-8', errors=encoding_errors)
     except UnicodeDecodeError as e:
@@ -185,11 +229,8 @@ def write_text_dataset(out_dir, tokenizer, text, val_fraction=0.1):
     tokenised as one document each. Prints and returns the meta."""
     n = int((1 - val_fraction) * len(text))
     ids = {'train': tokenizer.encode(text[:n]), 'val': tokenizer.encode(text[n:])}
-    dtype = token_dtype(tokenizer.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     for split, split_ids in ids.items():
         print(f'{split} has {len(split_ids):,} tokens')
-        write_split(out_dir, split, split_ids, dtype)
     # measured on val, the split whose loss the logs convert to bits per byte
-    return save_meta(out_dir, tokenizer, train_tokens=len(ids['train']), val_tokens=len(ids['val']),
-                     bytes_per_token=len(text[n:].encode('utf-8')) / max(1, len(ids['val'])))
+    return write_dataset(out_dir, tokenizer, ids, bytes_per_token=len(text[n:].encode('utf-8')) / max(1, len(ids['val'])))

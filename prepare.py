@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pathlib
 import re
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure, fail
-from dataset import DatasetError, SplitWriter, decode_utf8, save_meta, token_dtype
+from dataset import DatasetError, DatasetWriter, decode_utf8, token_dtype
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -263,6 +264,9 @@ def init_worker(options, tokenizer):
 
 def start_worker(options, tokenizer):
     """tokenizer: a Tokenizer (inherited through fork), its description (spawned workers rebuild it), or None."""
+    # Ctrl-C reaches every process of the terminal's group: the main process stops the run and says so once,
+    # the workers leave when it shuts the pool down instead of each printing a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # one process per core already: the tokenizers library's own threads would only compete
     os.environ['TOKENIZERS_PARALLELISM'] = 'false'
     init_worker(options, load_tokenizer(tokenizer) if isinstance(tokenizer, dict) else tokenizer)
@@ -509,27 +513,23 @@ def main(argv=None):
                   f'in {time.time() - t1:.1f}s')
 
         # 2. clean, tokenise, route, write
-        dtype = token_dtype(tok.vocab_size)
         route = Router()
         size = {'train': 0, 'val': 0}  # UTF-8 bytes
-        with SplitWriter(output, 'train', dtype) as train_writer, SplitWriter(output, 'val', dtype) as val_writer:
-            writers = {'train': train_writer, 'val': val_writer}
+        with DatasetWriter(output, tok) as out:
             with progress_bar('tokenizing') as progress:
                 for result in parallel_map(batches(progress), workers, options, tok):
                     for split, docs in zip(('train', 'val'), route(result)):
                         if docs.any():
                             ids = result['ids'] if docs.all() else result['ids'][np.repeat(docs, result['counts'])]
-                            writers[split].write(ids)
+                            out.write(split, ids)
                             size[split] += int(result['bytes'][docs].sum())
             route.check(source)
-            train_writer.commit()
-            val_writer.commit()
-        tokens = {split: w.tokens for split, w in writers.items()}
-        meta = save_meta(output, tok, train_tokens=tokens['train'], val_tokens=tokens['val'],
-                         # val's: train.py turns val loss into bits per byte with it
-                         bytes_per_token=size['val'] / tokens['val'],
-                         train_documents=route.documents['train'], val_documents=route.documents['val'],
-                         train_bytes=size['train'], val_bytes=size['val'], source=source, prepare_config=config)
+            tokens = out.tokens
+            meta = out.commit(train_tokens=tokens['train'], val_tokens=tokens['val'],
+                              # val's: train.py turns val loss into bits per byte with it
+                              bytes_per_token=size['val'] / tokens['val'],
+                              train_documents=route.documents['train'], val_documents=route.documents['val'],
+                              train_bytes=size['train'], val_bytes=size['val'], source=source, prepare_config=config)
         done = True
     except (DatasetError, TokenizerError) as e:
         fail(e)

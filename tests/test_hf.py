@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import TINY_TRAIN, assert_clean_error, run, run_all
-from dataset import load_meta, open_split, sample_windows, save_meta, token_dtype, write_split
+from dataset import load_meta, open_split, sample_windows, write_dataset
 from hf_gpt2 import HFError, export_gpt2, load_gpt2, tiktoken_backend, tokenizer_of
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, make_tokenizer
@@ -168,21 +168,19 @@ def test_tiktoken_conversion_encodes_like_tiktoken(bpe):
         assert converted.decode(ids) == text
 
 
-def write_dataset(folder, tokenizer, text):
+def write_text(folder, tokenizer, text):
+    """A dataset of text: its first 80% of tokens for train, the rest for val."""
     folder.mkdir()
     ids = tokenizer.encode(text)
     n = int(0.8 * len(ids))
-    dtype = token_dtype(tokenizer.vocab_size)
-    write_split(folder, 'train', ids[:n], dtype)
-    write_split(folder, 'val', ids[n:], dtype)
-    save_meta(folder, tokenizer)
+    write_dataset(folder, tokenizer, {'train': ids[:n], 'val': ids[n:]})
 
 
 def test_fine_tune_and_evaluate_a_hugging_face_folder(tmp_path, bpe, char_dataset):
     folder, data, out = tmp_path / 'hf', tmp_path / 'data', tmp_path / 'out'
     hf = save_hf_gpt2(folder, bpe.vocab_size, hf_tokenizer(bpe))
     tokenizer = load_tokenizer({'kind': 'hf', 'name': str(folder)})
-    write_dataset(data, tokenizer, ''.join(CORPUS))
+    write_text(data, tokenizer, ''.join(CORPUS))
     # train.py's first evaluation is of the imported weights (cropped to block_size 16): transformers' loss
     proc = run('train.py', f'--init_from={folder}', f'--dataset={data}', f'--out_dir={out}', *TINY_TRAIN,
                '--block_size=16', '--max_iters=2', '--eval_interval=2', '--eval_iters=2', '--seed=5')

@@ -33,5 +33,8 @@ except (DatasetError, TokenizerError) as e:
     fail(e)
 print(f'length of dataset in characters: {len(text):,}')
 
-write_text_dataset(out_dir, tokenizer, text)
+try:
+    write_text_dataset(out_dir, tokenizer, text)
+except DatasetError as e:
+    fail(e)
 print(f'wrote {out_dir}/train.bin, val.bin and meta.json in {time.time() - t0:.1f}s')

@@ -31,5 +31,8 @@ print(f'length of dataset in characters: {len(text):,}')
 
 tokenizer = make_tokenizer('char', [text])
 print(f'vocab size: {tokenizer.vocab_size:,}')
-write_text_dataset(out_dir, tokenizer, text)
+try:
+    write_text_dataset(out_dir, tokenizer, text)
+except DatasetError as e:
+    fail(e)
 print(f'wrote {out_dir}/train.bin, val.bin and meta.json in {time.time() - t0:.1f}s')
