@@ -6,26 +6,66 @@ Checkpoints without pickle. A checkpoint in out_dir is three files:
     model-<iter>.safetensors     the weights
     optimizer-<iter>.safetensors the optimizer's tensors and the random number generators' states
 
-The weight files are written first and checkpoint.json last, each to a temporary name then renamed, so
-a crash at any moment leaves the previous complete checkpoint in place. Older weight files are removed
-only after the new checkpoint.json is in place.
+Nothing a crash, a kill or a second run can do loses the last complete checkpoint:
+- the weight files are written first and checkpoint.json last, each under a temporary name, fsynced, then
+  renamed, and the folder is fsynced after the renames;
+- a save never overwrites a file the current checkpoint.json names (saving an iteration again takes new names),
+  and removes only this format's own files: earlier checkpoints' weights and temporaries left by killed saves;
+- weights that are not finite (a diverged run) are refused;
+- lock_out_dir() keeps a second training run out of a folder in use.
+
+Nothing in a checkpoint is trusted either: checkpoint.json is checked field by field, its file names must be
+plain names inside out_dir, and its model config must match the weight file's header (names and shapes)
+before any model is built, so a damaged or crafted file gives one line, never a traceback or a huge allocation.
 """
-import glob
 import json
 import os
+import re
+import socket
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from dataset import atomic_write_bytes, atomic_write_json
+from dataset import atomic_write_bytes, atomic_write_json, fsync_dir
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = 'checkpoint.json'
+LOCK_NAME = '.lock'
+WEIGHT_FILE = re.compile(r'^(model|optimizer)-\d{7}(-\d+)?\.safetensors$')
+TEMPORARY = re.compile(r'^((model|optimizer)-\d{7}(-\d+)?\.safetensors|checkpoint\.json)\.tmp(\d+)$')
 
 
 class CheckpointError(Exception):
-    """A checkpoint that is missing, incomplete or unreadable; the message says what to do."""
+    """A checkpoint that is missing, incomplete, unreadable or in use; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------- writing
+
+def lock_out_dir(out_dir):
+    """Claim out_dir for this training run, or raise CheckpointError naming the run that holds it. The lock is
+    the operating system's (flock, or msvcrt's on Windows) on out_dir/.lock: it ends with the process however
+    that ends, so a run that was killed leaves nothing to clean up. Keep the returned file open while training."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, LOCK_NAME), 'a+', encoding='utf-8')
+    try:
+        if os.name == 'nt':
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise CheckpointError(f'{out_dir} is in use by another training run ({holder}): wait for it to finish, '
+                              f'or pass another --out_dir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()} on {socket.gethostname()}')
+    f.flush()
+    return f
 
 
 def model_state(model):
@@ -81,34 +121,101 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state['cuda'])
 
 
+def _process_alive(pid):
+    if os.name == 'nt':
+        return True  # Windows refuses to delete a file another process has open: removal fails harmlessly
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unused_name(prefix, iter_num, taken):
+    """prefix-<iter>.safetensors, or with -1, -2, ... when the current checkpoint already uses that name."""
+    name, n = f'{prefix}-{iter_num:07d}.safetensors', 0
+    while name in taken:
+        n += 1
+        name = f'{prefix}-{iter_num:07d}-{n}.safetensors'
+    return name
+
+
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_args, config, tokenizer,
                     training_state=None, ranks=None):
     """training_state: whatever else, JSON-able, an exact resume needs (the loss scale). ranks: what each
     process needs to continue exactly, rank 0 first: dicts of its random generators' states, tensors (its
     torch generators, into the optimizer file) or JSON-able values (its batch sampler). By default this
-    process's rng_state()."""
+    process's rng_state(). Raises CheckpointError, and writes nothing, if a weight is not finite."""
+    state = model_state(model)
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f'not saving iteration {iter_num}: {bad[0]} (and {len(bad) - 1} more) hold NaN or inf; '
+                              f'the last good checkpoint stays in {out_dir}')
     os.makedirs(out_dir, exist_ok=True)
-    model_file, optimizer_file = f'model-{iter_num:07d}.safetensors', f'optimizer-{iter_num:07d}.safetensors'
-    save_tensors(os.path.join(out_dir, model_file), model_state(model))
+    try:
+        current = read_checkpoint(out_dir)
+        taken = {current['model_file'], current.get('optimizer_file')}
+    except CheckpointError:
+        taken = set()
+    model_file, optimizer_file = _unused_name('model', iter_num, taken), _unused_name('optimizer', iter_num, taken)
     opt_tensors, opt_json = ({}, None) if optimizer is None else _split_optimizer_state(optimizer)
     rank_json = []
-    for rank, state in enumerate(ranks or [rng_state()]):
-        rank_json.append({k: v for k, v in state.items() if not torch.is_tensor(v)})
-        opt_tensors.update({f'rank{rank}.{k}': v for k, v in state.items() if torch.is_tensor(v)})
-    save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors)
-    atomic_write_json(os.path.join(out_dir, CHECKPOINT_NAME), dict(
-        format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
-        tokenizer=tokenizer, model_file=model_file, optimizer_file=optimizer_file, optimizer=opt_json,
-        training_state=dict(training_state or {}, ranks=rank_json),
-    ))
-    # only now is the new checkpoint complete: drop the files of earlier ones
-    for path in glob.glob(os.path.join(out_dir, '*-*.safetensors')):
-        if os.path.basename(path) not in (model_file, optimizer_file):
-            os.remove(path)
+    for rank, rank_state in enumerate(ranks or [rng_state()]):
+        rank_json.append({k: v for k, v in rank_state.items() if not torch.is_tensor(v)})
+        opt_tensors.update({f'rank{rank}.{k}': v for k, v in rank_state.items() if torch.is_tensor(v)})
+    try:
+        save_tensors(os.path.join(out_dir, model_file), state)
+        save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors)
+        fsync_dir(out_dir)  # both weight files are in place for good before checkpoint.json names them
+        atomic_write_json(os.path.join(out_dir, CHECKPOINT_NAME), dict(
+            format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
+            tokenizer=tokenizer, model_file=model_file, optimizer_file=optimizer_file, optimizer=opt_json,
+            training_state=dict(training_state or {}, ranks=rank_json),
+        ))
+    except BaseException:  # a full disk, Ctrl-C: the new files no checkpoint names go, the previous checkpoint stays
+        try:
+            named = read_checkpoint(out_dir)
+            named = {named['model_file'], named.get('optimizer_file')}
+        except CheckpointError:
+            named = set()
+        for name in {model_file, optimizer_file} - named:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        raise
+    # only now is the new checkpoint complete: drop earlier checkpoints' files, and temporaries of killed saves
+    for name in os.listdir(out_dir):
+        temporary = TEMPORARY.match(name)
+        if (WEIGHT_FILE.match(name) and name not in (model_file, optimizer_file)) or (
+                temporary and int(temporary.group(4)) != os.getpid() and not _process_alive(int(temporary.group(4)))):
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass  # a reader has it open (Windows), or it is already gone: the next save tries again
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _check_type(path, ckpt, key, kinds, what, required=True):
+    if key not in ckpt:
+        if required:
+            raise CheckpointError(f'{path} is incomplete: it lacks {key!r}')
+        return
+    value = ckpt[key]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise CheckpointError(f'{path} is damaged: {key} must be {what}, not {value!r:.60}')
+
+
+def _check_file_name(path, ckpt, key):
+    name = ckpt[key]
+    if os.path.basename(name) != name or name in ('', '.', '..'):
+        raise CheckpointError(f'{path} is damaged: {key} must be a file name in its folder, not {name!r}')
 
 
 def read_checkpoint(out_dir):
-    """The checkpoint's JSON part; raises CheckpointError if out_dir holds no complete checkpoint."""
+    """The checkpoint's JSON part, checked field by field; raises CheckpointError if out_dir holds no complete,
+    well-formed checkpoint."""
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     if not os.path.isdir(out_dir):
         raise CheckpointError(f'checkpoint folder {out_dir} does not exist: train one with `python train.py ... --out_dir={out_dir}`')
@@ -117,34 +224,82 @@ def read_checkpoint(out_dir):
     try:
         with open(path, encoding='utf-8') as f:
             ckpt = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f'cannot read {path}: {e}') from None
-    for key in ('model_file', 'model_args'):
-        if key not in ckpt:
-            raise CheckpointError(f'{path} is incomplete: it lacks {key!r}')
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{path} is damaged: it holds a {type(ckpt).__name__}, not a JSON object')
+    _check_type(path, ckpt, 'model_file', str, 'a file name')
+    _check_file_name(path, ckpt, 'model_file')
+    _check_type(path, ckpt, 'optimizer_file', str, 'a file name', required=False)
+    if 'optimizer_file' in ckpt:
+        _check_file_name(path, ckpt, 'optimizer_file')
+    _check_type(path, ckpt, 'model_args', dict, 'an object')
+    _check_type(path, ckpt, 'iter_num', int, 'a whole number', required=False)
+    _check_type(path, ckpt, 'best_val_loss', (int, float), 'a number', required=False)
+    for key in ('config', 'training_state', 'optimizer'):
+        _check_type(path, ckpt, key, (dict, type(None)), 'an object', required=False)
+    _check_type(path, ckpt, 'tokenizer', (dict, type(None)), 'an object', required=False)
+    try:
+        GPTConfig(**ckpt['model_args'])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{path} is damaged: model_args: {e}') from None
     return ckpt
 
 
-def _load_tensors(path, device):
+def _tensors_file(out_dir, name):
+    path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         raise CheckpointError(f'checkpoint file {path} is missing: the checkpoint is incomplete')
+    return path
+
+
+def _safetensors_error(path, e):
+    return CheckpointError(f'{path} is not a readable safetensors file (damaged, or not written by train.py): {e}')
+
+
+def _load_tensors(path, device='cpu'):
     try:
         return load_file(path, device=str(device))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f'cannot read {path}: {e}') from None
+        raise _safetensors_error(path, e) from None
+
+
+def _check_weights_fit(path, config):
+    """Compare the weight file's header (names and shapes, read without the tensors) with the model the config
+    describes (built on the meta device: no memory), before anything is allocated."""
+    try:
+        with safe_open(path, framework='pt') as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise _safetensors_error(path, e) from None
+    blocks = {int(m.group(1)) for m in (re.match(r'transformer\.h\.(\d+)\.', name) for name in shapes) if m}
+    wte = shapes.get('transformer.wte.weight', ())
+    if len(blocks) != config.n_layer or wte != (config.vocab_size, config.n_embd):
+        raise CheckpointError(f'{path} does not fit its checkpoint.json: it holds {len(blocks)} layers and an embedding '
+                              f'of {wte}, the config says n_layer={config.n_layer}, vocab_size={config.vocab_size}, '
+                              f'n_embd={config.n_embd}')
+    with torch.device('meta'):
+        expected = {name: tuple(t.shape) for name, t in model_state(GPT(config)).items()}
+    wrong = sorted(name for name in expected.keys() | shapes.keys() if expected.get(name) != shapes.get(name))
+    if wrong:
+        raise CheckpointError(f'{path} does not fit its checkpoint.json: {wrong[0]} is {shapes.get(wrong[0], "missing")} '
+                              f'in the file and {expected.get(wrong[0], "absent")} in the model the config describes')
 
 
 def load_model(out_dir, device='cpu', **overrides):
     """Rebuild the model saved in out_dir, with any GPTConfig fields in overrides changed (dropout, when
-    resuming with another). Returns (model, checkpoint JSON)."""
+    resuming with another). Returns (model, checkpoint JSON). Raises CheckpointError."""
     ckpt = read_checkpoint(out_dir)
-    model = GPT(GPTConfig(**{**ckpt['model_args'], **overrides}))
-    state = _load_tensors(os.path.join(out_dir, ckpt['model_file']), 'cpu')
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if model.config.tie_weights:
-        missing = [k for k in missing if k != 'lm_head.weight']
-    if missing or unexpected:
-        raise CheckpointError(f'{out_dir}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})')
+    if not os.path.exists(os.path.join(out_dir, ckpt['model_file'])):
+        ckpt = read_checkpoint(out_dir)  # a run saved a newer checkpoint between our two reads: take that one
+    path = _tensors_file(out_dir, ckpt['model_file'])
+    try:
+        config = GPTConfig(**{**ckpt['model_args'], **overrides})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{out_dir}: {e}') from None
+    _check_weights_fit(path, config)
+    model = GPT(config)
+    model.load_state_dict(_load_tensors(path), strict=False)  # strict apart from a tied head, checked above
     return model.to(device), ckpt
 
 
@@ -152,19 +307,28 @@ def load_training_state(out_dir, ckpt, optimizer):
     """Restore the optimizer's state (moments, momentum buffers, step counts) into optimizer, keeping the
     settings it was built with (learning rates, betas, weight decay, momentum): a resumed run may change them.
     Returns what each process saved to continue exactly (see save_checkpoint's ranks), rank 0 first."""
-    tensors = _load_tensors(os.path.join(out_dir, ckpt['optimizer_file']), 'cpu')
-    if ckpt.get('optimizer') is not None:
-        settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-        optimizer.load_state_dict(_join_optimizer_state(tensors, ckpt['optimizer']))
-        for group, setting in zip(optimizer.param_groups, settings):
-            group.update(setting)
+    if 'optimizer_file' not in ckpt:
+        raise CheckpointError(f'{out_dir}/{CHECKPOINT_NAME} names no optimizer file: it cannot be resumed, only sampled')
+    path = _tensors_file(out_dir, ckpt['optimizer_file'])
+    tensors = _load_tensors(path)
     saved = ckpt.get('training_state') or {}
-    if 'ranks' not in saved:  # written before every process saved its own state: one process, rank 0's
-        return [dict(data_rng=saved.get('data_rng'), torch=tensors['rng.torch'],
-                     **({'cuda': tensors['rng.cuda']} if 'rng.cuda' in tensors else {}))]
-    ranks = [dict(state) for state in saved['ranks']]
-    for key, value in tensors.items():
-        if key.startswith('rank'):
-            rank, name = key[len('rank'):].split('.', 1)
-            ranks[int(rank)][name] = value
+    try:
+        if ckpt.get('optimizer') is not None:
+            settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+            optimizer.load_state_dict(_join_optimizer_state(tensors, ckpt['optimizer']))
+            for group, setting in zip(optimizer.param_groups, settings):
+                group.update(setting)
+        if 'ranks' not in saved:  # written before every process saved its own state: one process, rank 0's
+            return [dict(data_rng=saved.get('data_rng'), torch=tensors['rng.torch'],
+                         **({'cuda': tensors['rng.cuda']} if 'rng.cuda' in tensors else {}))]
+        ranks = [dict(state) for state in saved['ranks']]
+        for key, value in tensors.items():
+            if key.startswith('rank'):
+                rank, name = key[len('rank'):].split('.', 1)
+                ranks[int(rank)][name] = value
+        if not ranks or any('torch' not in r for r in ranks):
+            raise KeyError('rng.torch')
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f'{path} or {CHECKPOINT_NAME} is damaged: the optimizer state or random generators '
+                              f'do not load ({type(e).__name__}: {e}); sample from it, or train afresh') from None
     return ranks
