@@ -20,6 +20,7 @@ import io
 import os
 import sys
 import tokenize
+import types
 
 CONFIG_TYPES = (int, float, bool, str, type(None))
 
@@ -120,9 +121,9 @@ def apply_config(defaults, argv):
                 if key.startswith('_') or key in config and value is config[key]:
                     continue
                 if key not in config:
-                    if isinstance(value, CONFIG_TYPES):  # ignore the file's imports and helper functions
-                        raise ConfigError(f'{arg}: {_unknown_key(key, known)}')
-                    continue
+                    if isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                        continue  # the file's imports and helpers
+                    raise ConfigError(f'{arg}: {_unknown_key(key, known)}')
                 config[key] = _check_type(key, value, defaults[key])
         else:
             key, sep, raw = arg[2:].partition('=')

@@ -43,6 +43,7 @@ max_tokens = 0  # score only the first max_tokens tokens; 0 scores them all
 train_batches = False  # draw random batches exactly as train.py's evaluation does (its seed, batch_size, block_size)
 eval_iters = 0  # with train_batches: batches to draw; 0 is the checkpoint's eval_iters
 drop_unknown = False  # drop text characters the vocabulary lacks instead of stopping with an error
+encoding_errors = 'strict'  # --text that is not UTF-8: 'strict' stops with an error, 'replace' or 'ignore' its bad bytes
 progress = True  # a progress bar per model (on stderr)
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
@@ -57,8 +58,8 @@ if text and train_batches:
     fail('train_batches draws from a dataset split: it cannot be combined with --text')
 if batch_size < 1 or block_size < 0 or max_tokens < 0 or eval_iters < 0:
     fail('batch_size must be at least 1; block_size, max_tokens and eval_iters must not be negative')
-device = resolve_device(device)
 try:
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
 except ValueError as e:
     fail(e)
@@ -105,7 +106,7 @@ def text_tokens(tokenizer):
         fail(f'text file {text} not found')
     with open(text, 'rb') as f:
         try:
-            content = decode_utf8(f.read(), text)
+            content = decode_utf8(f.read(), text, encoding_errors)
         except DatasetError as e:
             fail(e)
     try:

@@ -32,6 +32,8 @@ try:
     notes = export_gpt2(model.eval(), ckpt.get('tokenizer'), hf_dir)
 except (CheckpointError, HFError) as e:
     fail(e)
+except OSError as e:
+    fail(f'cannot write {hf_dir}: {e.strerror}; pass an --hf_dir you can write to')
 for note in notes:
     print(f'note: {note}')
 print(f'wrote {hf_dir}: {", ".join(sorted(os.listdir(hf_dir)))}')

@@ -13,7 +13,19 @@ PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 9
 
 
 def resolve_device(name):
-    """'auto' is the best device here: cuda, then mps, then cpu."""
+    """'auto' is the best device here: cuda, then mps, then cpu. A named device must exist: ValueError if not."""
+    if name.startswith('cuda'):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = name.partition(':')[2]
+        if not count:
+            raise ValueError(f"device={name!r}, but PyTorch sees no CUDA GPU here (no GPU, no driver, or PyTorch's CPU "
+                             f"build): use --device=cpu, or --device=auto to take the best there is")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise ValueError(f'device={name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}')
+    elif name == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError("device='mps', but this PyTorch sees no Apple GPU: use --device=cpu or --device=auto")
+    elif name not in ('auto', 'cpu', 'mps') and not name.startswith('cuda'):
+        raise ValueError(f"device={name!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if name != 'auto':
         return name
     if torch.cuda.is_available():

@@ -19,6 +19,7 @@ import torch
 
 from checkpoint import CheckpointError
 from configurator import configure, fail
+from dataset import DatasetError, decode_utf8
 from generate import check_controls, generate_text, load_inference_model
 from hf_gpt2 import HFError
 from runtime import autocast, resolve_device, resolve_dtype
@@ -38,6 +39,7 @@ num_beams = 1  # > 1 for beam search (deterministic; ignores temperature, top_k 
 length_penalty = 1.0  # beam search ranks beams by log-probability / length ** length_penalty
 stop = ''  # end each sample just before this text, e.g. "\n\n" (escapes \n \t \\ work); several: separate by |
 drop_unknown = False  # drop prompt characters the vocabulary lacks instead of stopping with an error
+encoding_errors = 'strict'  # a FILE: prompt that is not UTF-8: 'strict' stops with an error, 'replace' or 'ignore' its bad bytes
 interactive = False  # read prompts from the terminal, one per line, until end of input (Ctrl-D)
 progress = False  # show a progress bar (on stderr)
 seed = 1337  # the same seed and settings give the same samples
@@ -63,8 +65,8 @@ def unescape(text):
 # split on the | that are not escaped, then unescape each stop string
 stop_strings = [unescape(s) for s in re.split(r'(?<!\\)\|', stop)] if stop else []
 
-device = resolve_device(device)
 try:
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
 except ValueError as e:
     fail(e)
@@ -139,8 +141,11 @@ if start.startswith('FILE:'):
     path = start[5:]
     if not os.path.isfile(path):
         fail(f'prompt file {path} not found')
-    with open(path, encoding='utf-8') as f:
-        start = f.read()
+    with open(path, 'rb') as f:
+        try:
+            start = decode_utf8(f.read(), path, encoding_errors)
+        except DatasetError as e:
+            fail(e)
 
 if interactive:
     print('type a prompt and press Enter; end with Ctrl-D', file=sys.stderr)

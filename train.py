@@ -14,6 +14,7 @@ Distributed data parallel on 4 GPUs of one node, or on 2 nodes of 8 GPUs each:
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -23,7 +24,8 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, load_model, load_training_state, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, rng_state, save_checkpoint,
+                        set_rng_state)
 from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError, load_gpt2, tokenizer_name, tokenizers_match
@@ -95,6 +97,22 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 
 
+def check_settings():
+    """One line and exit code 2 for settings that would crash later or train nonsense (the model's own are
+    checked by GPTConfig)."""
+    for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
+        if config[key] < 1:
+            fail(f'{key}={config[key]} must be at least 1')
+    for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay',
+                'grad_clip', 'target_val_loss', 'threads'):
+        if config[key] < 0:
+            fail(f'{key}={config[key]} must not be negative')
+    for key in ('beta1', 'beta2', 'muon_momentum'):
+        if not 0 <= config[key] < 1:
+            fail(f'{key}={config[key]} must be in [0, 1)')
+
+
+check_settings()
 if init_from not in ('scratch', 'resume') and init_from not in GPT2_NAMES and not os.path.isdir(init_from):
     fail(f"init_from={init_from!r}: use 'scratch', 'resume', {', '.join(GPT2_NAMES)} or a Hugging Face GPT-2 folder")
 if compile not in (None, True, False):
@@ -104,7 +122,10 @@ if optimizer not in ('adamw', 'muon'):
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
-device = resolve_device(device)
+try:
+    device = resolve_device(device)
+except ValueError as e:
+    fail(e)
 if ddp:
     ddp_rank = int(os.environ['RANK'])
     ddp_local_rank = int(os.environ['LOCAL_RANK'])
@@ -125,7 +146,13 @@ else:
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f'tokens per iteration will be: {tokens_per_iter:,}')
-    os.makedirs(out_dir, exist_ok=True)
+    if not eval_only:  # one run at a time writes into out_dir; the lock lasts as long as this process
+        try:
+            out_dir_lock = lock_out_dir(out_dir)
+        except CheckpointError as e:
+            fail(e)
+        except OSError as e:
+            fail(f'cannot write to out_dir {out_dir}: {e.strerror}; pass a folder you can write to')
 torch.manual_seed(seed + ddp_rank)  # each process gets a different seed
 if threads:
     torch.set_num_threads(threads)
@@ -226,7 +253,7 @@ if checkpoint is not None:
     except CheckpointError as e:
         fail(e)
     # each process takes back its own batch sampler and random generators, so the run continues as if never stopped
-    if len(saved_ranks) == ddp_world_size:
+    if len(saved_ranks) == ddp_world_size and saved_ranks[ddp_rank].get('data_rng'):
         data_rng.bit_generator.state = saved_ranks[ddp_rank]['data_rng']
         set_rng_state(saved_ranks[ddp_rank])
     else:
@@ -284,17 +311,33 @@ def gather_rank_states():
 
 
 def get_lr(it):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters; the factor scales each param
-    group's own initial learning rate."""
+    """The schedule's factor of each param group's own initial learning rate at iteration it: linear warmup to 1,
+    then cosine decay to min_lr / learning_rate at lr_decay_iters."""
     if not decay_lr:
-        return learning_rate
+        return 1.0
     if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
+        return (it + 1) / (warmup_iters + 1)
+    floor = min_lr / learning_rate if learning_rate else 0.0
     if it > lr_decay_iters:
-        return min_lr
+        return floor
     decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
-    return min_lr + coeff * (learning_rate - min_lr)
+    return floor + coeff * (1.0 - floor)
+
+
+def request_stop(signum, frame):
+    """Ctrl-C or SIGTERM: finish this iteration, save, and exit. A second Ctrl-C (torchrun relays the first one,
+    hence the second of grace) leaves at once, without saving."""
+    global stop_signal, stop_time
+    if stop_signal is not None and signum == signal.SIGINT and time.time() - stop_time > 1.0:
+        print('\ninterrupted again: exiting without saving', file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    if stop_signal is None:
+        stop_signal, stop_time = signum, time.time()
+
+
+stop_signal, stop_time = None, 0.0
+last_saved_iter = iter_num if init_from == 'resume' else None
 
 
 # logging
@@ -312,10 +355,34 @@ X, Y = get_batch('train', data_rng)  # fetch the very first batch
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+
+def save(rank_states):
+    """Write a checkpoint of this iteration (the master; rank_states from gather_rank_states)."""
+    global last_saved_iter
+    print(f'saving checkpoint to {out_dir}')
+    try:
+        save_checkpoint(out_dir, raw_model, optimizer, iter_num, best_val_loss, model_args, config,
+                        meta['tokenizer'], dict(scaler=scaler.state_dict()), rank_states)
+    except CheckpointError as e:
+        fail(e)
+    except OSError as e:
+        fail(f'cannot save a checkpoint in {out_dir}: {e.strerror}; the previous checkpoint there is intact')
+    last_saved_iter = iter_num
+
+
+def diverged(what):
+    kept = f'the checkpoint of iteration {last_saved_iter} in {out_dir} is kept' if last_saved_iter else 'nothing was saved'
+    fail(f'training diverged at iteration {iter_num}: {what} is not finite; {kept}. Try a lower --learning_rate '
+         f'(or --muon_lr), --grad_clip=1.0, or --dtype=float32')
+
+
 while True:
 
     # determine and set the learning rate for this iteration
-    lr_factor = get_lr(iter_num) / learning_rate
+    lr_factor = get_lr(iter_num)
     for param_group in optimizer.param_groups:
         param_group['lr'] = param_group['initial_lr'] * lr_factor
 
@@ -328,14 +395,14 @@ while True:
         losses = estimate_loss()
         bpb = f", val bits/byte {losses['val'] / math.log(2) / bytes_per_token:.4f}" if bytes_per_token else ''
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            diverged('the evaluated loss')
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * learning_rate, 'mfu': running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                print(f'saving checkpoint to {out_dir}')
-                save_checkpoint(out_dir, raw_model, optimizer, iter_num, best_val_loss, model_args, config,
-                                meta['tokenizer'], dict(scaler=scaler.state_dict()), rank_states)
+                save(rank_states)
         reached_target = target_val_loss > 0 and losses['val'] <= target_val_loss
         if reached_target:
             print(f'reached target val loss {target_val_loss} at step {iter_num}')
@@ -364,10 +431,9 @@ while True:
             batch_rng_state = data_rng.bit_generator.state
             X, Y = get_batch('train', data_rng)
             scaler.scale(loss).backward()
-    # clip the gradient
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # clip the gradient (or only measure its norm, with grad_clip 0), unscaled first if training in fp16
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
     # step the optimizer and scaler if training in fp16
     scaler.step(optimizer)
     scaler.update()
@@ -391,6 +457,29 @@ while True:
             running_mfu = iter_mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * iter_mfu
             mfu_text = f', mfu {running_mfu * 100:.2f}%'
         print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
+
+    # a diverged step (a float16 GradScaler skips overflowing ones itself) or a stop signal, agreed by every
+    # process (a host-device sync per step, and one all-reduce of two numbers under DDP)
+    flags = torch.stack([~torch.isfinite(loss.detach()) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled())),
+                         torch.tensor(stop_signal is not None, device=loss.device)]).float()
+    if ddp:
+        torch.distributed.all_reduce(flags)
+    unhealthy, stop = flags.tolist()
+    if unhealthy:
+        diverged('the loss' if not torch.isfinite(loss.detach()) else 'the gradient norm')
+    if stop:
+        rank_states = gather_rank_states()
+        if master_process:
+            save(rank_states)
+            name = signal.Signals(stop_signal).name if stop_signal else 'a signal to another process'
+            print(f'stopped by {name} at iteration {iter_num}, checkpoint saved: continue with --init_from=resume '
+                  f'--out_dir={out_dir}', file=sys.stderr, flush=True)
+            if wandb_log:
+                wandb.finish()
+        if ddp:
+            destroy_process_group()
+        sys.stdout.flush()
+        os._exit(128 + (stop_signal or signal.SIGINT))  # the shell's code for death by that signal
 
 if master_process and device_type == 'cuda':
     print(f'peak memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB')
