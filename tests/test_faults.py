@@ -1,0 +1,276 @@
+"""What goes wrong in real runs, a few times each (faults.py tries each many times and prints a table): kill -9
+at random moments and in every phase of a save, a diverging run, two runs in one folder, a full disk during a
+save and during prepare, Ctrl-C and SIGTERM, damaged and crafted checkpoint files, and bad settings. Every
+check is against something independent of the code under test: an uninterrupted run's weights, the files as
+they were before, the one-line error contract."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TINY_TEXT, assert_clean_error, run
+
+import faults
+from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+
+
+@pytest.fixture(scope='module')
+def lab(tmp_path_factory):
+    return faults.Lab(str(tmp_path_factory.mktemp('faults')))
+
+
+def test_kill_nine_mid_save_or_at_random_loses_nothing(lab):
+    counts = faults.kill_trials(lab, 2, random.Random(3))
+    assert counts['during_save'] == 1 and counts['corrupt'] == 0 and counts['temporaries_left'] == 0
+    assert counts['resumed'] >= 1 and counts['resumed_exactly'] == counts['resumed'], counts
+
+
+KILL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from checkpoint import load_model, save_checkpoint
+model, ckpt = load_model({out!r})
+real_replace, calls = os.replace, [0]
+def replace(src, dst):  # the save's renames: model file, optimizer file, checkpoint.json
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+save_checkpoint({out!r}, model, None, 99, 0.0, ckpt['model_args'], ckpt['config'], ckpt['tokenizer'])
+"""
+
+
+@pytest.mark.parametrize('rename', [1, 2, 3], ids=['before-model-rename', 'before-optimizer-rename', 'before-index-rename'])
+def test_a_kill_in_each_phase_of_a_save_keeps_the_previous_checkpoint(lab, rename):
+    """A save killed before each of its renames: the previous checkpoint loads with its own weights, and the
+    next save removes what the killed one left (a temporary, or a weight file no checkpoint names)."""
+    out = lab.out(f'phase-{rename}')
+    code, _, err = faults.finish(lab.train(out, '--max_iters=4', '--eval_interval=4'))
+    assert code == 0, err
+    before = faults.weights(out)
+    proc = subprocess.run([sys.executable, '-c', KILL_AT.format(root=str(ROOT), out=out, n=rename)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(os.listdir(out)) > 4  # the killed save left something behind
+    model, ckpt = load_model(out)
+    assert ckpt['iter_num'] == 4 and faults.same_weights(faults.weights(out)[1], before[1])
+    code, _, err = faults.finish(lab.train(out, '--init_from=resume', '--max_iters=6', '--eval_interval=2'))
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ['.lock', 'checkpoint.json', 'model-0000006.safetensors', 'optimizer-0000006.safetensors']
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(lab):
+    result = faults.divergence_trial(lab)
+    assert result['one_line'] and result['kept'], result['message']
+    assert 'the checkpoint of iteration 4' in result['message'] and '--learning_rate' in result['message']
+
+
+def test_a_second_run_in_an_out_dir_is_refused_and_a_dead_runs_lock_taken_over(lab):
+    result = faults.concurrent_trial(lab)
+    assert result['refused'] and result['taken_over'], result
+    assert 'is in use by another training run' in result['message'] and '--out_dir' in result['message']
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGXFSZ'), reason='a full disk is imitated with POSIX file-size limits')
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(lab):
+    result = faults.disk_full_save_trial(lab)
+    assert result['one_line'] and result['intact'] and not result['temporaries_left'], result
+    assert 'File too large' in result['message'] and 'previous checkpoint' in result['message']
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGXFSZ'), reason='a full disk is imitated with POSIX file-size limits')
+def test_a_full_disk_while_preparing_keeps_the_old_dataset(lab):
+    result = faults.disk_full_prepare_trial(lab)
+    assert result['one_line'] and result['intact'], result
+    assert 'unchanged' in result['message']
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['ctrl-c', 'sigterm'])
+def test_ctrl_c_or_sigterm_saves_that_iteration_and_resumes_exactly(lab, signum):
+    result = faults.interrupt_trial(lab, signum, random.Random(int(signum)))
+    assert result['stopped_and_saved'] and result['resumed_exactly'], result['message']
+
+
+def test_a_second_ctrl_c_leaves_at_once(lab):
+    """The first Ctrl-C arrives during a long first evaluation: the run would save after its next step. A second
+    one, a second and a half later, ends the process there, without a checkpoint."""
+    out = lab.out('twice')
+    proc = lab.train(out, '--max_iters=100000', '--eval_interval=3', '--eval_iters=20000')
+    for line in proc.stdout:
+        if 'training FLOPs per token' in line:
+            break  # printed just before the loop: the evaluation of iteration 0 (tens of seconds) begins
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = faults.finish(proc, timeout=60)
+    assert code == 130 and 'interrupted again: exiting without saving' in err
+    assert not os.path.exists(os.path.join(out, 'checkpoint.json'))
+
+
+def damaged(lab, name):
+    good = lab.out('good')
+    if not os.path.exists(good):
+        code, _, err = faults.finish(lab.train(good, '--max_iters=2', '--eval_interval=2'))
+        assert code == 0, err
+    folder = lab.out(f'damaged-{name}')
+    faults.shutil.copytree(good, folder)
+    faults.DAMAGE[name](folder)
+    return folder
+
+
+@pytest.mark.parametrize('name,message', [
+    ('model_file outside the folder', 'model_file must be a file name in its folder'),
+    ('model_file absolute', 'model_file must be a file name in its folder'),
+    ('model_file not a string', 'model_file must be a file name'),
+    ('model_args a list', 'model_args must be an object'),
+    ('model_args unknown field', "unexpected keyword argument 'n_layers'"),
+    ('n_head a string', "n_head='2' must be int"),
+    ('dropout out of range', 'dropout=5 must be in [0, 1)'),
+    ('tokenizer a string', 'tokenizer must be an object'),
+    ('no model_file', "lacks 'model_file'"),
+    ('a JSON list', 'not a JSON object'),
+    ('truncated JSON', 'cannot read'),
+    ('weights not safetensors', 'not a readable safetensors file'),
+    ('weights truncated', 'not a readable safetensors file'),
+    ('a weight of the wrong shape', 'transformer.h.0.attn.c_attn.weight is (7, 3) in the file'),
+    ('weights missing', 'is missing'),
+    ('huge context', 'transformer.wpe.weight is (32, 32) in the file'),
+])
+def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(lab, name, message):
+    with pytest.raises(CheckpointError) as error:
+        load_model(damaged(lab, name))
+    assert message in str(error.value)
+
+
+def test_crafted_sizes_are_refused_at_once_and_in_one_line(lab):
+    """A config asking for a million layers or a billion-token vocabulary is compared with the weight file's
+    header before anything is built: sample.py answers in seconds, in one line (it used to allocate for ever)."""
+    for name in ('huge n_layer', 'huge vocabulary'):
+        t0 = time.time()
+        proc = run('sample.py', f'--out_dir={damaged(lab, name)}', '--device=cpu', check=False, timeout=60)
+        assert_clean_error(proc, 'does not fit its checkpoint.json')
+        assert time.time() - t0 < 30
+
+
+def test_a_rotary_model_of_a_huge_context_decodes_with_a_cache_sized_to_the_request():
+    """block_size is no weight (rotary positions have none): a checkpoint may claim any. Nothing is allocated in
+    proportion to it: the rotary angles are computed per position, the KV cache holds what the request can reach."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=10**9, vocab_size=32, position='rotary')).eval()
+    prompt = torch.randint(0, 32, (1, 5))
+    out = model.generate(prompt, 6, temperature=0)
+    small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32, position='rotary')).eval()
+    small.load_state_dict(model.state_dict())
+    assert torch.equal(out, small.generate(prompt, 6, temperature=0))
+
+
+def test_a_reader_racing_a_save_takes_the_newer_checkpoint(lab, monkeypatch):
+    """A reader that read checkpoint.json just before a run replaced the checkpoint finds its weight file gone:
+    it reads checkpoint.json once more instead of calling the checkpoint incomplete."""
+    import checkpoint
+    out = lab.out('race')
+    code, _, err = faults.finish(lab.train(out, '--max_iters=4', '--eval_interval=2'))
+    assert code == 0, err
+    stale = dict(read_checkpoint(out), model_file='model-0000002.safetensors')  # deleted by the save at 4
+    reads = iter([stale])
+    real = checkpoint.read_checkpoint
+    monkeypatch.setattr(checkpoint, 'read_checkpoint', lambda folder: next(reads, None) or real(folder))
+    model, ckpt = checkpoint.load_model(out)
+    assert ckpt['iter_num'] == 4
+
+
+def test_a_save_spares_other_files_and_never_overwrites_the_current_checkpoint(tmp_path):
+    """Saving the same iteration twice writes new files (the current ones stay valid until checkpoint.json
+    moves on); files that are not this format's own survive every save."""
+    torch.manual_seed(0)
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    model = GPT(GPTConfig(**args))
+    foreign = ['my-model.safetensors', 'model-best.safetensors', 'notes-2024.safetensors', 'model-0000005.safetensors.bak']
+    for name in foreign:
+        (tmp_path / name).write_bytes(b'mine')
+    save_checkpoint(tmp_path, model, None, 5, 1.0, args, {}, None)
+    first = read_checkpoint(tmp_path)['model_file']
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    save_checkpoint(tmp_path, model, None, 5, 1.0, args, {}, None)
+    second = read_checkpoint(tmp_path)['model_file']
+    assert (first, second) == ('model-0000005.safetensors', 'model-0000005-1.safetensors')
+    loaded, _ = load_model(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert all((tmp_path / name).read_bytes() == b'mine' for name in foreign)
+    assert sorted(os.listdir(tmp_path)) == sorted(foreign + ['checkpoint.json', second, 'optimizer-0000005-1.safetensors'])
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    torch.manual_seed(0)
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    model = GPT(GPTConfig(**args))
+    save_checkpoint(tmp_path, model, None, 5, 1.0, args, {}, None)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float('nan')
+    with pytest.raises(CheckpointError, match='transformer.h.0.mlp.c_fc.weight .* hold NaN or inf'):
+        save_checkpoint(tmp_path, model, None, 6, 1.0, args, {}, None)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_bad_settings_give_one_line_and_exit_code_2(lab):
+    failed = [(name, args, message) for name, args, ok, message in faults.bad_settings(lab) if not ok]
+    assert not failed, failed
+
+
+def test_settings_that_look_odd_but_mean_something_still_work(lab, char_dataset, tmp_path):
+    """learning_rate=0 is legal (AdamW's weights stay put, decay included); a non-UTF-8 prompt file is refused
+    with the fix in one line, and --encoding_errors=replace reads it; a config file's unknown data is refused."""
+    out = tmp_path / 'frozen'
+    proc = run('train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *faults.TRAIN, '--dropout=0.0',
+               '--max_iters=3', '--eval_interval=3', '--learning_rate=0', '--seed=4')
+    ckpt, trained = faults.weights(str(out))
+    torch.manual_seed(4)
+    initial = GPT(GPTConfig(**ckpt['model_args'])).state_dict()
+    assert 'iter 3:' in proc.stdout and all(torch.equal(trained[k], initial[k]) for k in trained)
+
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_bytes('ROMEO: ol\u00e1'.encode('latin-1'))
+    proc = run('sample.py', f'--out_dir={out}', '--device=cpu', f'--start=FILE:{prompt}', '--max_new_tokens=3', check=False)
+    assert_clean_error(proc, 'is not UTF-8', '--encoding_errors=replace')
+    proc = run('sample.py', f'--out_dir={out}', '--device=cpu', f'--start=FILE:{prompt}', '--max_new_tokens=3',
+               '--encoding_errors=replace', '--drop_unknown=True', '--num_samples=1')
+    assert proc.stdout.startswith('ROMEO: ol')
+
+    config = tmp_path / 'odd.py'
+    config.write_text('import math\nlayer_sizes = [64, 128]\n')
+    proc = run('train.py', str(config), f'--dataset={char_dataset}', check=False)
+    assert_clean_error(proc, "unknown config key 'layer_sizes'")
+
+
+def test_ctrl_c_while_preparing_with_workers_says_one_line(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the workers stay quiet, the main process says what
+    happened in one line, and nothing is left in the folder."""
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('\n\n'.join(f'{i}: {TINY_TEXT[i % 500:]}' for i in range(600)), encoding='utf-8')
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'prepare.py'), f'--input={corpus}', f'--out_dir={out}',
+                             '--tokenizer=bpe', '--vocab_size=2000', '--num_proc=2', '--batch_mb=0.2'], cwd=ROOT,
+                            env=faults.ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().startswith('preparing')
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert_clean_error(subprocess.CompletedProcess(proc.args, proc.returncode, '', err), 'interrupted')
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_a_full_disk_at_any_point_of_a_write_keeps_the_previous_dataset_and_checkpoint(tmp_path):
+    """Ten places spread over re-writing a dataset, and ten over saving a checkpoint, where the disk runs out:
+    each leaves the folder byte for byte as it was (before, a full disk while writing val.bin had already
+    replaced train.bin and deleted meta.json)."""
+    counts = faults.full_disk_sweep(str(tmp_path), 10)
+    assert counts['trials'] == counts['failed'] == counts['intact'] == 20 and not counts['temporaries_left'], counts
