@@ -234,9 +234,10 @@ def read_checkpoint(out_dir):
     if 'optimizer_file' in ckpt:
         _check_file_name(path, ckpt, 'optimizer_file')
     _check_type(path, ckpt, 'model_args', dict, 'an object')
-    _check_type(path, ckpt, 'iter_num', int, 'a whole number', required=False)
-    _check_type(path, ckpt, 'best_val_loss', (int, float), 'a number', required=False)
-    for key in ('config', 'training_state', 'optimizer'):
+    _check_type(path, ckpt, 'iter_num', int, 'a whole number')
+    _check_type(path, ckpt, 'best_val_loss', (int, float), 'a number')
+    _check_type(path, ckpt, 'config', dict, 'an object')
+    for key in ('training_state', 'optimizer'):
         _check_type(path, ckpt, key, (dict, type(None)), 'an object', required=False)
     _check_type(path, ckpt, 'tokenizer', (dict, type(None)), 'an object', required=False)
     try:

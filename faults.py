@@ -339,18 +339,22 @@ def interrupt_trial(lab, signum, rng):
 
 
 def damaged_checkpoints(lab):
-    """Each kind of damage to a good checkpoint, loaded by sample.py: (name, one clean line?, seconds, message)."""
+    """Each kind of damage to a good checkpoint, met by sample.py (DAMAGE) or by a resume (RESUME_DAMAGE):
+    [(name, one clean line?, seconds, message)]."""
     good = lab.out('good')
     code, _, err = finish(lab.train(good, '--max_iters=2', '--eval_interval=2'))
     assert code == 0, err
     results = []
-    for name, damage in DAMAGE.items():
+    for name, damage in {**DAMAGE, **RESUME_DAMAGE}.items():
         folder = lab.out(f'damaged-{name}')
         shutil.copytree(good, folder)
         damage(folder)
         t0 = time.time()
-        code, _, err = finish(script('sample.py', f'--out_dir={folder}', '--device=cpu', '--num_samples=1',
-                                     '--max_new_tokens=5'), timeout=30)
+        if name in DAMAGE:
+            proc = script('sample.py', f'--out_dir={folder}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5')
+        else:
+            proc = lab.train(folder, '--init_from=resume', '--max_iters=4', '--eval_interval=2')
+        code, _, err = finish(proc, timeout=30)
         results.append((name, one_line_error(code, err), time.time() - t0, err.strip()))
     return results
 
@@ -368,13 +372,14 @@ def edit_json(change):
 
 def replace_model_file(data):
     def damage(folder):
-        write_file(weights_name(folder), data)(folder)
+        write_file(named_file(folder, 'model_file'), data)(folder)
     return damage
 
 
-def weights_name(folder):
+def named_file(folder, key):
+    """The file checkpoint.json names under key ('model_file' or 'optimizer_file')."""
     with open(os.path.join(folder, 'checkpoint.json'), encoding='utf-8') as f:
-        return json.load(f)['model_file']
+        return json.load(f)[key]
 
 
 def wrong_shape(folder):
@@ -382,6 +387,13 @@ def wrong_shape(folder):
     ckpt, tensors = weights(folder)
     tensors['transformer.h.0.attn.c_attn.weight'] = torch.zeros(7, 3)
     save_file(tensors, os.path.join(folder, ckpt['model_file']))
+
+
+def without_rng(folder):
+    """The optimizer file without its random generators' states."""
+    from safetensors.torch import save_file
+    path = os.path.join(folder, named_file(folder, 'optimizer_file'))
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith('rank')}, path)
 
 
 DAMAGE = {
@@ -402,7 +414,16 @@ DAMAGE = {
     'weights not safetensors': replace_model_file(b'{"hello": "this is JSON, not weights"}' * 10),
     'weights truncated': replace_model_file(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":'),
     'a weight of the wrong shape': wrong_shape,
-    'weights missing': lambda folder: os.remove(os.path.join(folder, weights_name(folder))),
+    'weights missing': lambda folder: os.remove(os.path.join(folder, named_file(folder, 'model_file'))),
+    'iter_num a string': edit_json(lambda c: c.update(iter_num='10')),
+    'config missing': edit_json(lambda c: c.pop('config')),
+}
+# damage only a resume meets (sampling needs neither the optimizer nor the random generators)
+RESUME_DAMAGE = {
+    'random generators missing': without_rng,
+    'process states not a list': edit_json(lambda c: c['training_state'].update(ranks='rank0')),
+    'optimizer groups missing': edit_json(lambda c: c['optimizer'].pop('param_groups')),
+    'optimizer file missing': lambda folder: os.remove(os.path.join(folder, named_file(folder, 'optimizer_file'))),
 }
 
 # settings that must each give one line and exit code 2: (script, arguments, a fragment of the message)

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -118,9 +119,9 @@ def damaged(lab, name):
     if not os.path.exists(good):
         code, _, err = faults.finish(lab.train(good, '--max_iters=2', '--eval_interval=2'))
         assert code == 0, err
-    folder = lab.out(f'damaged-{name}')
-    faults.shutil.copytree(good, folder)
-    faults.DAMAGE[name](folder)
+    folder = tempfile.mkdtemp(prefix='damaged-', dir=lab.folder)
+    faults.shutil.copytree(good, folder, dirs_exist_ok=True)
+    {**faults.DAMAGE, **faults.RESUME_DAMAGE}[name](folder)
     return folder
 
 
@@ -141,11 +142,34 @@ def damaged(lab, name):
     ('a weight of the wrong shape', 'transformer.h.0.attn.c_attn.weight is (7, 3) in the file'),
     ('weights missing', 'is missing'),
     ('huge context', 'transformer.wpe.weight is (32, 32) in the file'),
+    ('iter_num a string', "iter_num must be a whole number, not '10'"),
+    ('config missing', "lacks 'config'"),
 ])
 def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(lab, name, message):
     with pytest.raises(CheckpointError) as error:
         load_model(damaged(lab, name))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize('name,message', [
+    ('random generators missing', "KeyError: 'rng.torch'"),
+    ('process states not a list', 'do not load (ValueError'),
+    ('optimizer groups missing', "KeyError: 'param_groups'"),
+    ('optimizer file missing', 'is missing'),
+])
+def test_damage_only_a_resume_meets_is_refused_with_what_is_wrong(lab, name, message):
+    from checkpoint import load_training_state
+    folder = damaged(lab, name)
+    model, ckpt = load_model(folder)
+    with pytest.raises(CheckpointError) as error:
+        load_training_state(folder, ckpt, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu'))
+    assert message in str(error.value)
+
+
+def test_a_damaged_checkpoint_stops_a_resume_in_one_line(lab):
+    proc = lab.train(damaged(lab, 'process states not a list'), '--init_from=resume', '--max_iters=4')
+    code, _, err = faults.finish(proc)
+    assert faults.one_line_error(code, err) and 'sample from it, or train afresh' in err, err
 
 
 def test_crafted_sizes_are_refused_at_once_and_in_one_line(lab):
