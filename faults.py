@@ -21,7 +21,9 @@ makes writes fail the way a full disk does without filling one; in this process,
 the files being written (FullDisk), which a per-file limit cannot express. tests/test_faults.py runs each
 fault a few times.
 """
+import contextlib
 import errno
+import io
 import json
 import os
 import random
@@ -191,8 +193,8 @@ def loadable(out_dir):
 def kill_trials(lab, n, rng):
     """kill -9 at random moments of a run that saves every 2 iterations: every other trial right after it starts
     a save. Then: the checkpoint loads, and resuming it to the next save matches the uninterrupted run."""
-    counts = dict(trials=n, during_save=0, before_first_save=0, corrupt=0, temporaries_left=0, resumed_exactly=0,
-                  resumed=0)
+    counts = dict(trials=n, during_save=0, caught_mid_write=0, before_first_save=0, corrupt=0, temporaries_left=0,
+                  resumed_exactly=0, resumed=0)
     for trial in range(n):
         out = lab.out(f'kill-{trial}')
         proc = lab.train(out, '--max_iters=100000', '--eval_interval=2', '--always_save_checkpoint=True')
@@ -207,6 +209,7 @@ def kill_trials(lab, n, rng):
         proc.kill()
         proc.communicate()
         counts['during_save'] += mid_save
+        counts['caught_mid_write'] += bool(temporaries(out))  # the kill left a half-written file: it hit a save
         if not os.path.exists(os.path.join(out, 'checkpoint.json')):
             counts['before_first_save'] += 1  # no checkpoint yet: nothing to lose
             continue
@@ -292,7 +295,7 @@ def full_disk_sweep(folder, points):
     def attempt(write, budget, target):
         before = read_all(target)
         try:
-            with FullDisk(budget):
+            with FullDisk(budget), contextlib.redirect_stdout(io.StringIO()):
                 write()
         except (dataset.DatasetError, CheckpointError, OSError):
             counts['failed'] += 1
@@ -301,7 +304,8 @@ def full_disk_sweep(folder, points):
         counts['trials'] += 1
 
     data = os.path.join(folder, 'full-disk-data')
-    dataset.write_text_dataset(data, make_tokenizer('char', TEXT), TEXT)
+    with contextlib.redirect_stdout(io.StringIO()):  # write_text_dataset tells how many tokens each split has
+        dataset.write_text_dataset(data, make_tokenizer('char', TEXT), TEXT)
     size = sum(len(b) for b in read_all(data).values())
     for i in range(points):
         attempt(lambda: dataset.write_text_dataset(data, make_tokenizer('char', TEXT + '#'), TEXT + '#' * i),
@@ -483,7 +487,8 @@ def main(argv):
         lab = Lab(folder)
         k = kill_trials(lab, settings['kills'], rng)
         row('kill -9 at random moments', k['trials'],
-            f"{k['during_save']} mid-save, {k['before_first_save']} before the first save; corrupt {k['corrupt']}; "
+            f"{k['during_save']} aimed at a save ({k['caught_mid_write']} left a half-written file), "
+            f"{k['before_first_save']} before the first save; corrupt {k['corrupt']}; "
             f"resumed {k['resumed']}, exactly {k['resumed_exactly']}; temporaries left after the next save {k['temporaries_left']}")
         d = divergence_trial(lab)
         row('NaN: a diverging run', 1, f"stopped with one line: {d['one_line']}; good checkpoint kept: {d['kept']}")
