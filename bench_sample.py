@@ -6,7 +6,7 @@ config/shakespeare_char.py (6 layers, 6 heads, 384 wide, block 256), greedy, on 
     python bench_sample.py --out_dir=out-shakespeare-char   # a trained checkpoint instead of random weights
 
 Prints tokens per second for each and checks that both produce the same tokens. 1,000 tokens are well past
-block_size, so the sliding window (model.Decoder) is part of what is measured.
+block_size, so the sliding window (generate.Decoder) is part of what is measured.
 """
 import time
 
@@ -14,7 +14,8 @@ import torch
 
 from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
-from generate import generate_tokens
+from generate import generate_tokens, use_decoding_layout
+from hf_gpt2 import HFError
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -37,13 +38,13 @@ if threads:
     torch.set_num_threads(threads)
 if out_dir:
     try:
-        model, _ = load_model(out_dir, device)
-    except CheckpointError as e:
+        model = load_model(out_dir, device).model
+    except (CheckpointError, HFError) as e:
         fail(e)
 else:
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                           vocab_size=vocab_size, dropout=0.0)).to(device)
-model.eval()
+use_decoding_layout(model.eval())  # as sample.py runs it
 config = model.config
 print(f'model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, '
       f'vocab {config.vocab_size}, {model.get_num_params() / 1e6:.2f}M parameters; {device}, '

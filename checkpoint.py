@@ -22,12 +22,14 @@ import json
 import os
 import re
 import socket
+from typing import NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from dataset import atomic_write_bytes, atomic_write_json, fsync_dir
+from atomic_write import atomic_write_bytes, atomic_write_json, fsync_dir
+from hf_gpt2 import GPT2_NAMES, load_gpt2
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = 'checkpoint.json'
@@ -287,7 +289,7 @@ def _check_weights_fit(path, config):
                               f'in the file and {expected.get(wrong[0], "absent")} in the model the config describes')
 
 
-def load_model(out_dir, device='cpu', **overrides):
+def _load_checkpoint_model(out_dir, device='cpu', **overrides):
     """Rebuild the model saved in out_dir, with any GPTConfig fields in overrides changed (dropout, when
     resuming with another). Returns (model, checkpoint JSON). Raises CheckpointError."""
     ckpt = read_checkpoint(out_dir)
@@ -333,3 +335,33 @@ def load_training_state(out_dir, ckpt, optimizer):
         raise CheckpointError(f'{path} or {CHECKPOINT_NAME} is damaged: the optimizer state or random generators '
                               f'do not load ({type(e).__name__}: {e}); sample from it, or train afresh') from None
     return ranks
+
+
+# ---------------------------------------------------------------------------- a model to run
+
+class LoadedModel(NamedTuple):
+    model: GPT
+    tokenizer: Optional[dict]  # the tokenizer's description; None for weights that came without one
+    checkpoint: Optional[dict]  # checkpoint.json, for a checkpoint of ours; None for Hugging Face weights
+
+
+def is_hf_source(source):
+    """Whether source names GPT-2 weights for transformers to load (a GPT-2 name, or a folder with a Hugging Face
+    config.json and no checkpoint.json) rather than a checkpoint folder of ours."""
+    return source in GPT2_NAMES or (os.path.isdir(source) and os.path.exists(os.path.join(source, 'config.json'))
+                                    and not os.path.exists(os.path.join(source, CHECKPOINT_NAME)))
+
+
+def load_model(source, device='cpu', **overrides):
+    """The one place that decides what a model to run is: source is a checkpoint folder of train.py, a GPT-2 name
+    (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder. overrides change GPTConfig fields
+    (dropout). Returns LoadedModel(model, tokenizer description, checkpoint JSON or None); the model is in
+    train mode, as nn.Module starts. Raises CheckpointError, or hf_gpt2.HFError."""
+    if is_hf_source(source):
+        model, tokenizer = load_gpt2(source, **overrides)
+        return LoadedModel(model.train().to(device), tokenizer, None)
+    if not os.path.exists(source):
+        raise CheckpointError(f"{source} does not exist: pass a checkpoint folder of train.py, a GPT-2 name "
+                              f"({', '.join(GPT2_NAMES)}) or a Hugging Face GPT-2 folder")
+    model, ckpt = _load_checkpoint_model(source, device, **overrides)
+    return LoadedModel(model, ckpt.get('tokenizer'), ckpt)

@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from atomic_write import atomic_write_bytes, fsync_dir
+
 META_NAME = 'meta.json'
 
 
@@ -22,38 +24,6 @@ def token_dtype(vocab_size):
     # uint16 halves disk and memory for every vocabulary up to 65,536 ids (GPT-2's 50,257 included);
     # larger vocabularies (Gemma's 262,144) need uint32
     return np.uint16 if vocab_size <= 2**16 else np.uint32
-
-
-def fsync_dir(folder):
-    """Make the renames in folder durable (a power cut after them cannot bring the old names back). POSIX only:
-    Windows has no directory handles to flush."""
-    if os.name != 'nt':
-        fd = os.open(folder or '.', os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path, write):
-    """Call write(file) on a temporary file beside path, then rename it over path: a crash mid-write
-    never leaves a truncated file under the real name. A failed write (a full disk) removes the temporary
-    file, even when closing it fails too."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8')))
 
 
 class DatasetWriter:

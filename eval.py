@@ -22,14 +22,12 @@ import sys
 import numpy as np
 import torch
 
-import checkpoint
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, decode_utf8, load_meta, open_split, sample_windows
-from generate import is_hf_model, load_inference_model
-from hf_gpt2 import HFError, tokenizers_match
+from hf_gpt2 import HFError
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
-from tokenizer import TokenizerError, load_tokenizer
+from tokenizer import TokenizerError, load_tokenizer, tokenizers_match
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoints in out_dir), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder; comma-separated for several
@@ -71,25 +69,16 @@ if not entries:
     fail('no model given: pass --out_dir=FOLDER or --init_from=gpt2')
 
 
-def is_ours(entry):
-    """Whether entry is a checkpoint of train.py (else GPT-2 weights through transformers)."""
-    if is_hf_model(entry):
-        return False
-    return init_from == 'resume' or os.path.exists(os.path.join(entry, checkpoint.CHECKPOINT_NAME))
-
-
 if not text and not dataset:
     for entry in entries:
-        if not is_ours(entry):
+        if is_hf_source(entry):
             fail(f'{entry} was not trained here, so it has no dataset of its own: pass --dataset=NAME or --text=FILE')
 
 
 def load(entry):
     """(model, tokenizer, the checkpoint's JSON or None) of one table entry."""
-    ours = is_ours(entry)
     try:
-        model, description = load_inference_model('resume' if ours else entry, entry, device)
-        ckpt = checkpoint.read_checkpoint(entry) if ours else None
+        model, description, ckpt = load_model(entry, device)
     except (CheckpointError, HFError) as e:
         fail(e)
     if description is None:

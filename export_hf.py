@@ -28,8 +28,8 @@ hf_dir = hf_dir or os.path.normpath(out_dir) + '-hf'
 if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
     fail(f'{hf_dir} already exists and is not an empty folder: choose another --hf_dir or remove it')
 try:
-    model, ckpt = load_model(out_dir)
-    notes = export_gpt2(model.eval(), ckpt.get('tokenizer'), hf_dir)
+    model, tokenizer, _ = load_model(out_dir)
+    notes = export_gpt2(model.eval(), tokenizer, hf_dir)
 except (CheckpointError, HFError) as e:
     fail(e)
 except OSError as e:

@@ -100,8 +100,8 @@ def limit_file_size(limit):
 
 
 class FullDisk:
-    """Within `with FullDisk(budget):`, the files dataset.py writes (datasets and, through it, checkpoints) hold
-    budget bytes in all, as on a disk with that much free space; past it, writes fail with ENOSPC."""
+    """Within `with FullDisk(budget):`, the files dataset.py and atomic_write.py write (datasets and checkpoints)
+    hold budget bytes in all, as on a disk with that much free space; past it, writes fail with ENOSPC."""
 
     def __init__(self, budget):
         self.left = budget
@@ -111,12 +111,16 @@ class FullDisk:
         return _LimitedFile(f, self, path) if 'w' in mode or 'a' in mode else f
 
     def __enter__(self):
+        import atomic_write
         import dataset
-        self.module, dataset.open = dataset, self.open
+        self.modules = (atomic_write, dataset)
+        for module in self.modules:
+            module.open = self.open  # found before the builtin open by the module's own code
         return self
 
     def __exit__(self, *exc):
-        del self.module.open
+        for module in self.modules:
+            del module.open
 
 
 class _LimitedFile:
@@ -284,8 +288,8 @@ def disk_full_prepare_trial(lab):
 
 def full_disk_sweep(folder, points):
     """A full disk at `points` places spread over writing a dataset and over saving a checkpoint (in this process,
-    dataset.py's files limited by FullDisk): each failure must leave the previous dataset / checkpoint as it was,
-    and no temporary file. Returns counts."""
+    with FullDisk): each failure must leave the previous dataset / checkpoint as it was, and no temporary file.
+    Returns counts."""
     import dataset
     from checkpoint import CheckpointError, load_model, save_checkpoint
     from model import GPT, GPTConfig

@@ -1,21 +1,117 @@
 """
-Decoding on top of model.Decoder (incremental decoding with a KV cache), shared by sample.py, eval.py and
-GPT.generate:
+Decoding: turning a GPT's next-token logits into text, one token at a time. The model knows nothing of it;
+this module drives the model's forward pass (sample.py, eval.py and bench_sample.py use it):
 
+- KVCache and Decoder: incremental decoding, each new token one position of work, over a context window
+  that slides past block_size
 - sampling controls: temperature (0 is greedy), top-k, top-p (nucleus), repetition penalty; several
   samples of one prompt are the rows of one batch
-- beam search: num_beams, length_penalty; the best length-normalised log-probability wins
-- text: generate_text() adds what needs a tokenizer: stop strings, the end-of-text token, streaming
-- loading: a model and its tokenizer from a checkpoint folder or from Hugging Face GPT-2 weights
+- beam search: num_beams, length_penalty, the algorithm of transformers' generate
+- generate(model, idx, ...): nanoGPT's model.generate, with all of the above
+- generate_text(): what needs a tokenizer: stop strings, the end-of-text token, streaming
+- use_decoding_layout(): a faster memory layout of the weights for decoding on a CPU, applied by the caller
 """
 import math
-import os
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from model import Decoder
 
+# ---------------------------------------------------------------------------- incremental decoding
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one position
+    of work instead of a forward pass over the whole context. Preallocated to max_len positions."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions filled
+
+    def update(self, layer, k, v):
+        """Store this layer's new keys/values at the current position; return all keys/values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def reorder(self, batch_indices):
+        """Keep the rows named by batch_indices (beam search reorders its beams every step)."""
+        self.k = self.k[:, batch_indices]
+        self.v = self.v[:, batch_indices]
+
+
+def compute_dtype(weight):
+    """The dtype the model computes in: autocast's where it is on (keys and values come out of the matmuls in
+    it, so a cache in float32 would take twice the memory and a cast every step), else the weights'."""
+    device_type = weight.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+
+
+class Decoder:
+    """Incremental decoding state: the sequence so far and, with use_cache, its KVCache.
+    next_logits() gives the next position's (B, vocab) float32 logits; append(tokens) extends each row.
+    Once the sequence outgrows block_size, the context window jumps forward by half a block (keeping
+    the newest half): the cache is refilled once per half block instead of every step, and the
+    no-cache path uses exactly the same windows, so both give identical tokens. With max_new_tokens, the
+    cache holds only the positions that many tokens can reach (at most block_size)."""
+
+    def __init__(self, model, idx, use_cache=True, max_new_tokens=None):
+        self.model, self.seq, self.use_cache = model, idx, use_cache
+        self.block = model.config.block_size
+        self.cache_len = self.block if max_new_tokens is None else min(self.block, idx.size(1) + max_new_tokens)
+        self.start = max(0, idx.size(1) - self.block)  # a long prompt keeps its last block_size tokens
+        self.cache = None
+        self.fresh = idx.size(1)  # tokens not yet fed through the model
+
+    @torch.no_grad()
+    def next_logits(self):
+        if self.seq.size(1) - self.start > self.block:
+            self.start = self.seq.size(1) - self.block // 2
+            self.cache = None  # positions shifted: the cached keys no longer apply
+        if self.use_cache and self.cache is None:
+            self.cache = KVCache(self.model.config, self.seq.size(0), self.cache_len, self.seq.device,
+                                 compute_dtype(self.model.lm_head.weight))
+            self.fresh = self.seq.size(1) - self.start
+        # the tokens to feed, made here, outside inference mode, and contiguous: to torch.compile, a tensor made in
+        # inference mode or a slice of the growing sequence (its stride changes every step) would be a new kind of input
+        tokens = (self.seq[:, -self.fresh:] if self.use_cache else self.seq[:, self.start:]).contiguous()
+        with torch.inference_mode():  # a few percent cheaper per step than no_grad alone
+            logits, _ = self.model(tokens, cache=self.cache, last_only=True)
+        self.fresh = 0
+        # cloned outside inference mode: callers get an ordinary tensor they may modify in place or train on
+        return logits[:, -1, :].float().clone()
+
+    def append(self, tokens):
+        self.seq = torch.cat((self.seq, tokens.view(-1, 1)), dim=1)
+        self.fresh += 1
+
+    def reorder(self, batch_indices):
+        """Keep (and duplicate) the rows named by batch_indices, e.g. beam search's surviving beams."""
+        self.seq = self.seq[batch_indices]
+        if self.cache is not None:
+            self.cache.reorder(batch_indices)
+
+
+@torch.no_grad()
+def use_decoding_layout(model):
+    """Store every wide CPU weight matrix of model (more outputs than inputs: c_attn, c_fc, a large-vocabulary head)
+    transposed in memory. Values, shapes and results are unchanged, but a one-token step multiplies a vector by
+    the contiguous (in, out) matrix, whose long rows stream from memory about 1.7x faster on CPU (decoding is bound
+    by reading the weights; see bench_sample.py). Training afterwards is unaffected, only its speed may change.
+    sample.py applies it to the model it loads; a no-op once done, and on GPUs. Returns model."""
+    with torch.inference_mode(False):  # a caller may be in inference mode; the weights must stay trainable
+        for module in model.modules():
+            w = module.weight if isinstance(module, nn.Linear) else None
+            if w is not None and w.device.type == 'cpu' and w.size(0) > w.size(1) and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
+    return model
+
+
+# ---------------------------------------------------------------------------- controls
 
 def check_controls(temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, num_beams=1,
                    length_penalty=1.0, max_new_tokens=1, num_samples=1):
@@ -151,13 +247,31 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, repet
 
 
 @torch.no_grad()
-def sequence_score(model, idx, tokens, length_penalty=1.0):
-    """The beam score of continuing idx (1, T) by tokens, from one plain forward pass (T + len(tokens)
-    must fit block_size): a reference for beam_search."""
-    full = torch.cat([idx, torch.tensor([tokens], dtype=torch.long, device=idx.device)], dim=1)
-    logits, _ = model(full[:, :-1])
-    logp = F.log_softmax(logits.float(), dim=-1)[0, idx.size(1) - 1:]
-    return logp.gather(1, full[0, idx.size(1):, None]).sum().item() / len(tokens) ** length_penalty
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+             num_beams=1, length_penalty=1.0, eot_id=None, use_cache=True):
+    """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+    temperature 0 is greedy; top_k / top_p keep the k likeliest tokens / the smallest set holding
+    probability top_p; repetition_penalty > 1 discourages tokens already in the row; num_beams > 1 is
+    beam search (best length-normalised log-probability, see beam_search). With eot_id, a row that produces
+    it is finished: it is padded with eot_id, and generation stops once all rows are.
+    Stop strings are text: generate_text handles them."""
+    check_controls(temperature, top_k, top_p, repetition_penalty, num_beams, length_penalty, max_new_tokens)
+    if num_beams > 1:
+        rows = [beam_search(model, idx[[b]], max_new_tokens, num_beams, length_penalty, repetition_penalty,
+                            eot_id, use_cache)[0][1] for b in range(idx.size(0))]
+        n = max(len(r) for r in rows)
+        pad = eot_id if eot_id is not None else 0
+        new = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long, device=idx.device)
+        return torch.cat((idx, new.view(idx.size(0), n)), dim=1)
+    steps, finished = [], torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for token in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, use_cache):
+        if eot_id is not None:
+            token = token.masked_fill(finished, eot_id)
+            finished |= token == eot_id
+        steps.append(token)
+        if eot_id is not None and finished.all():
+            break
+    return torch.cat([idx] + [t[:, None] for t in steps], dim=1)
 
 
 # ---------------------------------------------------------------------------- text
@@ -251,28 +365,3 @@ def _completion(tokenizer, prompt_ids, tokens, prompt_text):
     if text.startswith(prompt_text):
         return text[len(prompt_text):]
     return tokenizer.decode(tokens)
-
-
-# ---------------------------------------------------------------------------- loading a model to run
-
-def is_hf_model(source):
-    """Whether source names GPT-2 weights to load through transformers: a GPT-2 name, or a folder with a
-    Hugging Face config.json and none of our checkpoint.json."""
-    from checkpoint import CHECKPOINT_NAME
-    from hf_gpt2 import GPT2_NAMES
-    return source in GPT2_NAMES or (os.path.isdir(source) and os.path.exists(os.path.join(source, 'config.json'))
-                                    and not os.path.exists(os.path.join(source, CHECKPOINT_NAME)))
-
-
-def load_inference_model(init_from, out_dir='out', device='cpu'):
-    """The model to sample from or evaluate, and its tokenizer's description (None if it has none).
-    init_from: 'resume' (the checkpoint in out_dir), a GPT-2 name (gpt2, gpt2-medium, gpt2-large,
-    gpt2-xl), a Hugging Face GPT-2 folder, or a checkpoint folder. Raises CheckpointError or HFError."""
-    import checkpoint
-    import hf_gpt2
-    if init_from == 'resume' or (os.path.exists(os.path.join(init_from, checkpoint.CHECKPOINT_NAME))
-                                 and not is_hf_model(init_from)):
-        model, ckpt = checkpoint.load_model(out_dir if init_from == 'resume' else init_from, device)
-        return model, ckpt.get('tokenizer')
-    model, description = hf_gpt2.load_gpt2(init_from)  # its errors say what init_from should be
-    return model.to(device), description

@@ -20,6 +20,7 @@ import tempfile
 import torch
 
 from model import GPT, GPTConfig
+from tokenizer import TokenizerError, load_tokenizer
 
 # the short names resolve to OpenAI's checkpoints on the Hugging Face hub
 GPT2_NAMES = {'gpt2': 'openai-community/gpt2', 'gpt2-medium': 'openai-community/gpt2-medium',
@@ -156,28 +157,6 @@ def load_gpt2(name, dropout=0.0):
     return model.eval(), tokenizer_of(name)
 
 
-def tokenizer_name(description):
-    """A tokenizer description in a few words, for messages: "tiktoken 'gpt2'", "a char tokenizer"."""
-    if description.get('name'):
-        return f"{description['kind']} {description['name']!r}"
-    return f"a {description.get('kind')} tokenizer"
-
-
-def tokenizers_match(a, b):
-    """Whether two tokenizer descriptions encode text alike: equal, or the same vocabulary under two
-    kinds (tiktoken's 'gpt2' and Hugging Face's 'gpt2'), judged on a probe text."""
-    if a == b:
-        return True
-    from tokenizer import TokenizerError, load_tokenizer
-    probe = ("Hello, world! It's 2024: naïve café, Привет мир, 你好世界 \n\n\t  spaces   and "
-             "tabs\ttoo; 1234567 + 0.5 = ? <|endoftext|> </s> 🙂")
-    try:
-        ta, tb = load_tokenizer(a), load_tokenizer(b)
-        return ta.vocab_size == tb.vocab_size and ta.encode(probe) == tb.encode(probe)
-    except TokenizerError:
-        return False
-
-
 # ---------------------------------------------------------------------------- export
 
 def hf_config_for(config, vocab_size, eot_id=None):
@@ -227,7 +206,6 @@ def export_gpt2(model, tokenizer_description, folder):
     the tokenizer's files where its kind has them, and our tokenizer description (TOKENIZER_FILE).
     Returns notes for the user (e.g. that a tokenizer could not be exported). Raises HFError."""
     from transformers import GPT2LMHeadModel
-    from tokenizer import TokenizerError, load_tokenizer
     tokenizer = None
     if tokenizer_description is not None:
         try:

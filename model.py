@@ -10,15 +10,12 @@ References:
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
 3) modded-nanogpt: https://github.com/KellerJordan/modded-nanogpt
 """
-import inspect
 import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-from muon import MuonWithAdamW, muon_param_groups
 
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'relu2', 'silu', 'swiglu')
 POSITIONS = ('learned', 'rotary')
@@ -94,30 +91,6 @@ def apply_rotary(x, cos, sin):
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[None, None], sin[None, None]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so each new token costs one position
-    of work instead of a forward pass over the whole context. Preallocated to max_len positions."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # number of positions filled
-
-    def update(self, layer, k, v):
-        """Store this layer's new keys/values at the current position; return all keys/values so far."""
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
-
-    def reorder(self, batch_indices):
-        """Keep the rows named by batch_indices (beam search reorders its beams every step)."""
-        self.k = self.k[:, batch_indices]
-        self.v = self.v[:, batch_indices]
 
 
 class CausalSelfAttention(nn.Module):
@@ -255,7 +228,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx: (B, T) token ids. With targets (B, T), also returns the mean cross-entropy loss (ids of -1
-        are ignored). With a KVCache, idx holds only the tokens after those already in the cache.
+        are ignored). With a cache (generate.KVCache: the keys and values of the tokens already seen), idx holds
+        only the tokens after those; every layer stores its new keys and values in it.
         last_only computes logits for the last position alone (all generation needs)."""
         B, T = idx.size()
         past = cache.pos if cache is not None else 0
@@ -286,48 +260,12 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def use_decoding_layout(self):
-        """Store every wide CPU weight matrix (more outputs than inputs: c_attn, c_fc, a large-vocabulary head)
-        transposed in memory. Values, shapes and results are unchanged, but a one-token step multiplies a
-        vector by the contiguous (in, out) matrix, whose long rows stream from memory about 1.7x faster on
-        CPU (decoding is bound by reading the weights; see bench_sample.py). Training is unaffected.
-        Called by Decoder; a no-op once done, and on GPUs."""
-        with torch.inference_mode(False):  # a caller may be in inference mode; the weights must stay trainable
-            for module in self.modules():
-                w = module.weight if isinstance(module, nn.Linear) else None
-                if w is not None and w.device.type == 'cpu' and w.size(0) > w.size(1) and w.is_contiguous():
-                    w.data = w.data.t().contiguous().t()
-
     def crop_block_size(self, block_size):
         """Shrink the context, e.g. to fine-tune GPT-2 (1024) with a smaller block."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         if self.config.position == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
-                             muon_lr=0.02, muon_momentum=0.95):
-        """optimizer='adamw': AdamW everywhere. 'muon': Muon (at muon_lr) for the blocks' weight matrices,
-        AdamW (at learning_rate) for embeddings, head, gains and biases. Every param group keeps its
-        'initial_lr', which the trainer's schedule scales."""
-        if optimizer == 'muon':
-            groups = muon_param_groups(self.named_parameters(), muon_lr, learning_rate, weight_decay, betas,
-                                       muon_momentum, self.fused_matrices())
-            return MuonWithAdamW(groups)
-        if optimizer != 'adamw':
-            raise ValueError(f"optimizer={optimizer!r} is not one of adamw, muon")
-        # weight decay on matrices (Linear weights, embeddings) only: biases and norm gains stay free
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        # the fused CUDA kernel is faster than the default foreach implementation
-        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
-        for group in optimizer.param_groups:
-            group['initial_lr'] = learning_rate
-        return optimizer
 
     def fused_matrices(self):
         """The weights that stack several matrices by rows, by name, with how many: each attention's query, key
@@ -348,95 +286,3 @@ class GPT(nn.Module):
         if not cfg.tie_weights:
             N -= self.transformer.wte.weight.numel()  # an untied embedding is a lookup, not a matmul
         return 6 * N + 12 * L * H * Q * T
-
-    # ------------------------------------------------------------------ generation
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 num_beams=1, length_penalty=1.0, eot_id=None, use_cache=True):
-        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-        temperature 0 is greedy; top_k / top_p keep the k likeliest tokens / the smallest set holding
-        probability top_p; repetition_penalty > 1 discourages tokens already in the row; num_beams > 1 is
-        beam search (best length-normalised log-probability, see generate.beam_search). With eot_id, a row
-        that produces it is finished: it is padded with eot_id, and generation stops once all rows are.
-        Stop strings are text: generate.generate_text handles them."""
-        from generate import beam_search, check_controls, generate_tokens  # generate.py builds on Decoder below
-        check_controls(temperature, top_k, top_p, repetition_penalty, num_beams, length_penalty, max_new_tokens)
-        if num_beams > 1:
-            rows = [beam_search(self, idx[[b]], max_new_tokens, num_beams, length_penalty, repetition_penalty,
-                                eot_id, use_cache)[0][1] for b in range(idx.size(0))]
-            n = max(len(r) for r in rows)
-            pad = eot_id if eot_id is not None else 0
-            new = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long, device=idx.device)
-            return torch.cat((idx, new.view(idx.size(0), n)), dim=1)
-        steps, finished = [], torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for token in generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, use_cache):
-            if eot_id is not None:
-                token = token.masked_fill(finished, eot_id)
-                finished |= token == eot_id
-            steps.append(token)
-            if eot_id is not None and finished.all():
-                break
-        return torch.cat([idx] + [t[:, None] for t in steps], dim=1)
-
-    @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                        use_cache=True):
-        """Yield the next token of every row, (B,), one step at a time, for streaming."""
-        from generate import generate_tokens
-        yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, use_cache)
-
-
-def compute_dtype(weight):
-    """The dtype the model computes in: autocast's where it is on (keys and values come out of the matmuls in
-    it, so a cache in float32 would take twice the memory and a cast every step), else the weights'."""
-    device_type = weight.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-
-
-class Decoder:
-    """Incremental decoding state: the sequence so far and, with use_cache, its KVCache.
-    next_logits() gives the next position's (B, vocab) float32 logits; append(tokens) extends each row.
-    Once the sequence outgrows block_size, the context window jumps forward by half a block (keeping
-    the newest half): the cache is refilled once per half block instead of every step, and the
-    no-cache path uses exactly the same windows, so both give identical tokens. With max_new_tokens, the
-    cache holds only the positions that many tokens can reach (at most block_size)."""
-
-    def __init__(self, model, idx, use_cache=True, max_new_tokens=None):
-        self.model, self.seq, self.use_cache = model, idx, use_cache
-        if not model.training:
-            model.use_decoding_layout()
-        self.block = model.config.block_size
-        self.cache_len = self.block if max_new_tokens is None else min(self.block, idx.size(1) + max_new_tokens)
-        self.start = max(0, idx.size(1) - self.block)  # a long prompt keeps its last block_size tokens
-        self.cache = None
-        self.fresh = idx.size(1)  # tokens not yet fed through the model
-
-    @torch.no_grad()
-    def next_logits(self):
-        if self.seq.size(1) - self.start > self.block:
-            self.start = self.seq.size(1) - self.block // 2
-            self.cache = None  # positions shifted: the cached keys no longer apply
-        if self.use_cache and self.cache is None:
-            self.cache = KVCache(self.model.config, self.seq.size(0), self.cache_len, self.seq.device,
-                                 compute_dtype(self.model.lm_head.weight))
-            self.fresh = self.seq.size(1) - self.start
-        # the tokens to feed, made here, outside inference mode, and contiguous: to torch.compile, a tensor made in
-        # inference mode or a slice of the growing sequence (its stride changes every step) would be a new kind of input
-        tokens = (self.seq[:, -self.fresh:] if self.use_cache else self.seq[:, self.start:]).contiguous()
-        with torch.inference_mode():  # a few percent cheaper per step than no_grad alone
-            logits, _ = self.model(tokens, cache=self.cache, last_only=True)
-        self.fresh = 0
-        # cloned outside inference mode: callers get an ordinary tensor they may modify in place or train on
-        return logits[:, -1, :].float().clone()
-
-    def append(self, tokens):
-        self.seq = torch.cat((self.seq, tokens.view(-1, 1)), dim=1)
-        self.fresh += 1
-
-    def reorder(self, batch_indices):
-        """Keep (and duplicate) the rows named by batch_indices, e.g. beam search's surviving beams."""
-        self.seq = self.seq[batch_indices]
-        if self.cache is not None:
-            self.cache.reorder(batch_indices)
-

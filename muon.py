@@ -1,5 +1,6 @@
 """
-Muon (MomentUm Orthogonalized by Newton-Schulz, Keller Jordan 2024) and AdamW in one optimizer.
+The optimizers: configure_optimizers() builds AdamW, or Muon (MomentUm Orthogonalized by Newton-Schulz,
+Keller Jordan 2024) and AdamW in one optimizer, for a GPT.
 
 Muon takes SGD-momentum's update for a weight matrix and replaces it with the nearest (semi-)orthogonal
 matrix, computed by a few Newton-Schulz iterations. It suits the 2-D hidden weights of the transformer
@@ -8,6 +9,7 @@ torch.optim.Optimizer keeps the training loop to one optimizer, one state_dict a
 
 References: https://kellerjordan.github.io/posts/muon/ , github.com/KellerJordan/Muon, KellerJordan/modded-nanogpt
 """
+import inspect
 
 import torch
 from torch import Tensor
@@ -143,7 +145,7 @@ def muon_param_groups(named_params, muon_lr, adam_lr, weight_decay, betas, muon_
                             names of fused ones to how many matrices they stack
       AdamW + weight decay: other matrices (wte, wpe, lm_head)
       AdamW, no decay:      1-D gains and biases (decaying them only hurts, as in nanoGPT)
-    Each group stores 'initial_lr' so the trainer can set group['lr'] = group['initial_lr'] * lr_factor(it).
+    Each group stores 'initial_lr' so the trainer can set group['lr'] = group['initial_lr'] * lr_schedule(it).
     """
     muon, muon_parts, decay, no_decay = [], [], [], []
     seen = set()
@@ -167,3 +169,27 @@ def muon_param_groups(named_params, muon_lr, adam_lr, weight_decay, betas, muon_
     for g in groups:
         g['initial_lr'] = g['lr']
     return groups
+
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
+                         muon_momentum=0.95):
+    """The optimizer of a GPT. optimizer='adamw': AdamW everywhere. 'muon': Muon (at muon_lr) for the blocks' weight
+    matrices, AdamW (at learning_rate) for embeddings, head, gains and biases. Every param group keeps its
+    'initial_lr', which the trainer's schedule scales."""
+    if optimizer == 'muon':
+        groups = muon_param_groups(model.named_parameters(), muon_lr, learning_rate, weight_decay, betas,
+                                   muon_momentum, model.fused_matrices())
+        return MuonWithAdamW(groups)
+    if optimizer != 'adamw':
+        raise ValueError(f"optimizer={optimizer!r} is not one of adamw, muon")
+    # weight decay on matrices (Linear weights, embeddings) only: biases and norm gains stay free
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    # the fused CUDA kernel is faster than the default foreach implementation
+    fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+    for group in adamw.param_groups:
+        group['initial_lr'] = learning_rate
+    return adamw

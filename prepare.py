@@ -339,7 +339,8 @@ class Router:
     duplicate of an earlier one, or sent to train or val by its hash, which makes the split the same
     whatever the order of the documents, the batches and the workers. Counts what it decided."""
 
-    def __init__(self):
+    def __init__(self, val_fraction, dedup, min_chars, max_chars):
+        self.val_fraction, self.dedup, self.min_chars, self.max_chars = val_fraction, dedup, min_chars, max_chars
         self.seen = set()
         self.val_threshold = np.uint64(int(val_fraction * 2**32))
         self.read = self.too_short = self.too_long = self.duplicates = 0
@@ -352,7 +353,7 @@ class Router:
         self.too_short += result['too_short']
         self.too_long += result['too_long']
         keep = np.ones(len(hashes), dtype=bool)
-        if dedup:
+        if self.dedup:
             seen = self.seen
             for i, h in enumerate(hashes.tolist()):
                 if h in seen:
@@ -368,8 +369,8 @@ class Router:
 
     def dropped(self):
         return ', '.join(f'{n:,} {why}' for n, why in [
-            (self.too_short, 'empty' if min_chars == 1 else f'shorter than {min_chars} characters'),
-            (self.too_long, f'longer than {max_chars} characters'), (self.duplicates, 'duplicates')] if n) or 'none'
+            (self.too_short, 'empty' if self.min_chars == 1 else f'shorter than {self.min_chars} characters'),
+            (self.too_long, f'longer than {self.max_chars} characters'), (self.duplicates, 'duplicates')] if n) or 'none'
 
     def check(self, source):
         """Fail unless both splits have documents."""
@@ -378,7 +379,7 @@ class Router:
             fail(f'empty corpus: {source} has no document to train on ({self.read:,} read; dropped {self.dropped()})')
         if not train or not val:
             fail(f"no document went to {'val' if train else 'train'}: {train + val:,} documents, val_fraction="
-                 f"{val_fraction}; change --val_fraction, or split the text into more documents "
+                 f"{self.val_fraction}; change --val_fraction, or split the text into more documents "
                  f"(--document=paragraph or line)")
 
 
@@ -488,7 +489,7 @@ def main(argv=None):
     try:
         # 1. train the tokenizer on the train documents (char: on all, so val has no unknown characters)
         if tok is None:
-            route = Router()
+            route = Router(val_fraction, dedup, min_chars, max_chars)
             limit = tokenizer_train_mb * 1e6 if tokenizer != 'char' else 0
             trained_on = [0]  # bytes
 
@@ -513,7 +514,7 @@ def main(argv=None):
                   f'in {time.time() - t1:.1f}s')
 
         # 2. clean, tokenise, route, write
-        route = Router()
+        route = Router(val_fraction, dedup, min_chars, max_chars)
         size = {'train': 0, 'val': 0}  # UTF-8 bytes
         with DatasetWriter(output, tok) as out:
             with progress_bar('tokenizing') as progress:

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
 from dataset import DatasetError, decode_utf8
-from generate import check_controls, generate_text, load_inference_model
+from generate import check_controls, generate_text, use_decoding_layout
 from hf_gpt2 import HFError
 from runtime import autocast, resolve_device, resolve_dtype
 from tokenizer import TokenizerError, UnknownCharactersError, load_tokenizer
@@ -71,7 +71,7 @@ try:
 except ValueError as e:
     fail(e)
 try:
-    model, tokenizer_description = load_inference_model(init_from, out_dir, device)
+    model, tokenizer_description, _ = load_model(out_dir if init_from == 'resume' else init_from, device)
 except (CheckpointError, HFError) as e:
     fail(e)
 if tokenizer_description is None:
@@ -81,6 +81,7 @@ try:
 except TokenizerError as e:
     fail(e)
 model.eval()
+use_decoding_layout(model)  # faster one-token steps on a CPU, same results
 torch.manual_seed(seed)  # after loading: the samples depend on the seed, not on how the model was built
 # mixed precision as in training: float32 weights (and rotary tables), matmuls in bfloat16/float16
 ctx = autocast(device, dtype)
@@ -95,12 +96,12 @@ def encode_prompt(text):
         ids = tokenizer.encode(tokenizer.drop_unknown(text) if drop_unknown else text)
     except UnknownCharactersError as e:
         fail(e)
-    if tokenizer.kind == 'word' and 0 in ids:  # id 0 is '<unk>': the vocabulary lacks these words
-        words = sorted({w for w in tokenizer.PATTERN.findall(text) if w not in tokenizer.vocab})
+    words = tokenizer.unknown_words(text)  # a word tokenizer turns them into '<unk>'
+    if words:
         if not drop_unknown:
             fail(f"{len(words)} word(s) not in the vocabulary: {', '.join(map(repr, words[:10]))}; "
                  f"pass --drop_unknown=True to drop them")
-        ids = [i for i in ids if i != 0]
+        ids = [i for i in ids if i != tokenizer.unk_id]
     too_big = [i for i in ids if i >= model.config.vocab_size]
     if too_big:
         fail(f'token id {too_big[0]} of the prompt is outside the model\'s vocabulary of {model.config.vocab_size}: '

@@ -117,6 +117,12 @@ class Tokenizer:
         """text minus the characters encode() would reject: nothing, for all kinds but char."""
         return text
 
+    unk_id = None  # the id of text the vocabulary lacks (word's '<unk>'); None where nothing is unknown
+
+    def unknown_words(self, text):
+        """The distinct words of text that encode() turns into unk_id, sorted: none, for all kinds but word."""
+        return []
+
     def describe(self):
         raise NotImplementedError
 
@@ -186,6 +192,7 @@ class WordTokenizer(Tokenizer):
     """
     kind = 'word'
     UNK = '<unk>'  # cannot collide with a real token: '<' is split off on its own
+    unk_id = 0
     PATTERN = re.compile(r'\w+|[^\w\s]|\n')
 
     def __init__(self, vocab):
@@ -212,6 +219,9 @@ class WordTokenizer(Tokenizer):
     def encode(self, text):
         get = self._ids.get
         return [get(w, 0) for w in self.PATTERN.findall(text)]
+
+    def unknown_words(self, text):
+        return sorted({w for w in self.PATTERN.findall(text) if w not in self._ids})
 
     def _decode(self, ids):
         vocab = self.vocab
@@ -403,6 +413,27 @@ def load_tokenizer(description):
         if isinstance(e, TokenizerError):
             raise
         raise TokenizerError(f"cannot rebuild the '{kind}' tokenizer from its description: {_first_line(e)}") from None
+
+
+def tokenizer_name(description):
+    """A tokenizer description in a few words, for messages: "tiktoken 'gpt2'", "a char tokenizer"."""
+    if description.get('name'):
+        return f"{description['kind']} {description['name']!r}"
+    return f"a {description.get('kind')} tokenizer"
+
+
+def tokenizers_match(a, b):
+    """Whether two tokenizer descriptions encode text alike: equal, or the same vocabulary under two
+    kinds (tiktoken's 'gpt2' and Hugging Face's 'gpt2'), judged on a probe text."""
+    if a == b:
+        return True
+    probe = ("Hello, world! It's 2024: naïve café, Привет мир, 你好世界 \n\n\t  spaces   and "
+             "tabs\ttoo; 1234567 + 0.5 = ? <|endoftext|> </s> 🙂")
+    try:
+        ta, tb = load_tokenizer(a), load_tokenizer(b)
+        return ta.vocab_size == tb.vocab_size and ta.encode(probe) == tb.encode(probe)
+    except TokenizerError:
+        return False
 
 
 def bytes_per_token(tokenizer, sample_text):

@@ -28,9 +28,11 @@ from checkpoint import (CheckpointError, load_model, load_training_state, lock_o
                         set_rng_state)
 from configurator import configure, fail
 from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
-from hf_gpt2 import GPT2_NAMES, HFError, load_gpt2, tokenizer_name, tokenizers_match
+from hf_gpt2 import GPT2_NAMES, HFError
 from model import GPT, GPTConfig
+from muon import configure_optimizers
 from runtime import autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
+from tokenizer import tokenizer_name, tokenizers_match
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText
@@ -41,7 +43,7 @@ log_interval = 1  # print a log line every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
-init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder
+init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder or a checkpoint folder
 target_val_loss = 0.0  # stop once an evaluation's val loss is <= this (a speedrun's finish line); 0 runs all max_iters
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
@@ -114,7 +116,7 @@ def check_settings():
 
 check_settings()
 if init_from not in ('scratch', 'resume') and init_from not in GPT2_NAMES and not os.path.isdir(init_from):
-    fail(f"init_from={init_from!r}: use 'scratch', 'resume', {', '.join(GPT2_NAMES)} or a Hugging Face GPT-2 folder")
+    fail(f"init_from={init_from!r}: use 'scratch', 'resume', {', '.join(GPT2_NAMES)}, a Hugging Face GPT-2 folder or a checkpoint folder")
 if compile not in (None, True, False):
     fail(f'compile={compile!r}: use True, False or None (on for CUDA only)')
 if optimizer not in ('adamw', 'muon'):
@@ -193,7 +195,7 @@ best_val_loss = 1e9
 model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size'}
 # the model's vocabulary comes from the tokenizer, padded up to a multiple of 64 for efficient matmuls
 model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
-checkpoint = None
+resumed = None  # the checkpoint.json of the run being resumed
 if init_from == 'scratch':
     if master_process:
         print('Initializing a new model from scratch')
@@ -201,55 +203,54 @@ if init_from == 'scratch':
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
         fail(e)
-elif init_from != 'resume':
-    if master_process:
-        print(f'Initializing from the GPT-2 weights of {init_from}')
-    try:
-        model, model_tokenizer = load_gpt2(init_from, dropout=dropout)
-    except HFError as e:
-        fail(e)
-    if model_tokenizer is not None and not tokenizers_match(model_tokenizer, meta['tokenizer']):
-        fail(f"the dataset {data_dir} was tokenized with another tokenizer than {init_from}'s "
-             f"({tokenizer_name(model_tokenizer)}): prepare the dataset with that tokenizer")
-    if meta['vocab_size'] > model.config.vocab_size:
-        fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
-    if block_size > model.config.block_size:
-        fail(f"block_size={block_size} is larger than {init_from}'s context of {model.config.block_size}: use --block_size={model.config.block_size} or less")
-    if block_size < model.config.block_size:
-        model.crop_block_size(block_size)
-    model_args = dataclasses.asdict(model.config)
 else:
+    source = out_dir if init_from == 'resume' else init_from
     if master_process:
-        print(f'Resuming training from {out_dir}')
+        print(f'Resuming training from {out_dir}' if init_from == 'resume' else f'Initializing from the weights of {init_from}')
     try:
-        model, checkpoint = load_model(out_dir, dropout=dropout)
-    except CheckpointError as e:
+        model, model_tokenizer, saved = load_model(source, dropout=dropout)
+    except (CheckpointError, HFError) as e:
         fail(e)
-    if checkpoint.get('tokenizer') != meta['tokenizer']:
-        fail(f'the checkpoint in {out_dir} was trained with another tokenizer than the dataset {data_dir}: resume on the dataset it was trained on')
-    # the checkpoint's architecture wins over the command line; dropout may be changed on resume
-    model_args = dict(checkpoint['model_args'], dropout=dropout)
-    saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
-    if saved_optimizer != optimizer:
-        fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
-    iter_num = checkpoint['iter_num']
-    best_val_loss = checkpoint['best_val_loss']
-    changed = [f'{key} {value!r} -> {config[key]!r}' for key, value in checkpoint['config'].items()
-               if key != 'init_from' and key in config and config[key] != value]
-    if changed and master_process:
-        print(f"resuming with changed settings: {', '.join(changed)}")
+    if init_from != 'resume':  # fine-tuning: these weights, a new optimizer, iterations from 0
+        if model_tokenizer is not None and not tokenizers_match(model_tokenizer, meta['tokenizer']):
+            fail(f"the dataset {data_dir} was tokenized with another tokenizer than {init_from}'s "
+                 f"({tokenizer_name(model_tokenizer)}): prepare the dataset with that tokenizer")
+        if meta['vocab_size'] > model.config.vocab_size:
+            fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
+        if block_size > model.config.block_size:
+            fail(f"block_size={block_size} is larger than {init_from}'s context of {model.config.block_size}: use --block_size={model.config.block_size} or less")
+        if block_size < model.config.block_size:
+            model.crop_block_size(block_size)
+        model_args = dataclasses.asdict(model.config)
+    elif saved is None:
+        fail(f'{out_dir} holds Hugging Face weights, not a checkpoint to resume: fine-tune them with --init_from={out_dir}')
+    else:
+        resumed = saved
+        if model_tokenizer != meta['tokenizer']:
+            fail(f'the checkpoint in {out_dir} was trained with another tokenizer than the dataset {data_dir}: resume on the dataset it was trained on')
+        # the checkpoint's architecture wins over the command line; dropout may be changed on resume
+        model_args = dict(resumed['model_args'], dropout=dropout)
+        saved_optimizer = resumed['config'].get('optimizer', 'adamw')
+        if saved_optimizer != optimizer:
+            fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
+        iter_num = resumed['iter_num']
+        best_val_loss = resumed['best_val_loss']
+        changed = [f'{key} {value!r} -> {config[key]!r}' for key, value in resumed['config'].items()
+                   if key != 'init_from' and key in config and config[key] != value]
+        if changed and master_process:
+            print(f"resuming with changed settings: {', '.join(changed)}")
 model.to(device)
-model.train()  # in every process: GPT-2 weights load in eval mode, and only the master's evaluation switches back
+model.train()  # in every process (only the master evaluates, and its evaluation switches back on its own)
 
 # a GradScaler is needed for float16 only: it is a no-op when disabled
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
-# the optimizer setting names the kind; from here on, optimizer is the optimizer itself
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                       muon_lr, muon_momentum)
-if checkpoint is not None:
+# the optimizer setting names the kind (adamw or muon); optim is the optimizer itself
+optim = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
+                             muon_momentum)
+if resumed is not None:
     try:
-        saved_ranks = load_training_state(out_dir, checkpoint, optimizer)
+        saved_ranks = load_training_state(out_dir, resumed, optim)
     except CheckpointError as e:
         fail(e)
     # each process takes back its own batch sampler and random generators, so the run continues as if never stopped
@@ -264,9 +265,8 @@ if checkpoint is not None:
             print(f'note: the checkpoint was written by {len(saved_ranks)} process{"es" if len(saved_ranks) > 1 else ""} '
                   f'and this run has {ddp_world_size}: every process re-seeds its batches and dropout from '
                   f'(seed, rank, iteration), so the run goes on reproducibly but not as the saved one would have')
-    if checkpoint['training_state'].get('scaler'):
-        scaler.load_state_dict(checkpoint['training_state']['scaler'])
-checkpoint = None  # free up memory
+    if resumed['training_state'].get('scaler'):
+        scaler.load_state_dict(resumed['training_state']['scaler'])
 
 raw_model = model
 if compile:
@@ -310,9 +310,9 @@ def gather_rank_states():
     return states
 
 
-def get_lr(it):
-    """The schedule's factor of each param group's own initial learning rate at iteration it: linear warmup to 1,
-    then cosine decay to min_lr / learning_rate at lr_decay_iters."""
+def lr_schedule(it):
+    """The factor by which each param group's initial learning rate (learning_rate for AdamW, muon_lr for Muon) is
+    scaled at iteration it: linear warmup to 1, then cosine decay to min_lr / learning_rate at lr_decay_iters."""
     if not decay_lr:
         return 1.0
     if it < warmup_iters:
@@ -364,7 +364,7 @@ def save(rank_states):
     global last_saved_iter
     print(f'saving checkpoint to {out_dir}')
     try:
-        save_checkpoint(out_dir, raw_model, optimizer, iter_num, best_val_loss, model_args, config,
+        save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config,
                         meta['tokenizer'], dict(scaler=scaler.state_dict()), rank_states)
     except CheckpointError as e:
         fail(e)
@@ -382,8 +382,8 @@ def diverged(what):
 while True:
 
     # determine and set the learning rate for this iteration
-    lr_factor = get_lr(iter_num)
-    for param_group in optimizer.param_groups:
+    lr_factor = lr_schedule(iter_num)
+    for param_group in optim.param_groups:
         param_group['lr'] = param_group['initial_lr'] * lr_factor
 
     # evaluate the loss on train/val sets and write checkpoints (not again right after a resume, unless asked)
@@ -432,13 +432,13 @@ while True:
             X, Y = get_batch('train', data_rng)
             scaler.scale(loss).backward()
     # clip the gradient (or only measure its norm, with grad_clip 0), unscaled first if training in fp16
-    scaler.unscale_(optimizer)
+    scaler.unscale_(optim)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
     # step the optimizer and scaler if training in fp16
-    scaler.step(optimizer)
+    scaler.step(optim)
     scaler.update()
     # flush the gradients as soon as we can, no need for this memory anymore
-    optimizer.zero_grad(set_to_none=True)
+    optim.zero_grad(set_to_none=True)
 
     # timing and logging
     t1 = time.time()

@@ -1,10 +1,12 @@
 """Shared test helpers: run the repository's scripts as a user would, on small data made here."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / 'shared'
@@ -68,6 +70,12 @@ def assert_clean_error(proc, *fragments):
 
 def val_losses(stdout):
     return [float(line.split('val loss ')[1].split(',')[0]) for line in stdout.splitlines() if line.startswith('step ')]
+
+
+def final_weights(out_dir):
+    """The checkpoint.json of the checkpoint in out_dir and its weights, read without our loader."""
+    ckpt = json.loads((out_dir / 'checkpoint.json').read_text())
+    return ckpt, load_file(out_dir / ckpt['model_file'])
 
 
 def pytest_configure(config):

@@ -1,18 +1,18 @@
-"""Tests for the architecture switches of model.py and the Muon optimizer through train.py.
+"""Tests for the architecture switches of model.py, and the speedrun configs that combine them.
 
 Every switch: a tiny model with it learns (loss falls) and round-trips a checkpoint. Each switch is also
-checked against an independent computation of what it should do (formulas, no-cache forward passes,
-an uninterrupted run)."""
-import json
+checked against an independent computation of what it should do (formulas, no-cache forward passes).
+Muon through train.py is in test_muon.py."""
 import math
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_clean_error, run, torchrun, val_losses
-from safetensors.torch import load_file
+from conftest import TINY_TRAIN, assert_clean_error, final_weights, run
 
 from checkpoint import load_model, save_checkpoint
-from model import GPT, MLP, Decoder, GPTConfig, KVCache, apply_rotary, rotary_tables
+from generate import Decoder, KVCache
+from model import GPT, MLP, GPTConfig, apply_rotary, rotary_tables
+from muon import configure_optimizers
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=32, dropout=0.0)
 SPEEDRUN = dict(activation='relu2', position='rotary', norm='rmsnorm', qk_norm=True, tie_weights=False,
@@ -64,7 +64,7 @@ TRAIN_CASES = [(name, 'adamw') for name in SWITCHES] + [(name, 'muon') for name 
 @pytest.mark.parametrize('name,optimizer', TRAIN_CASES)
 def test_switch_trains_and_round_trips_a_checkpoint(name, optimizer, tmp_path):
     model = tiny_model(**SWITCHES[name])
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 'cpu', optimizer, muon_lr=0.05)
+    opt = configure_optimizers(model, 0.0, 1e-2, (0.9, 0.95), 'cpu', optimizer, muon_lr=0.05)
     batches = pattern_batches(40)
     losses = []
     for x, y in batches:
@@ -79,7 +79,7 @@ def test_switch_trains_and_round_trips_a_checkpoint(name, optimizer, tmp_path):
     model.eval()
     save_checkpoint(tmp_path, model, opt, 40, losses[-1], dict(model.config.__dict__), {'optimizer': optimizer},
                     {'kind': 'char', 'chars': 'abc'})
-    loaded, ckpt = load_model(tmp_path)
+    loaded, _, ckpt = load_model(tmp_path)
     loaded.eval()
     x = batches[0][0]
     with torch.no_grad():
@@ -219,86 +219,12 @@ def test_bad_switch_values_are_rejected(char_dataset, tmp_path):
         with pytest.raises(ValueError, match=f"{key}='{value}' is not one of"):
             GPTConfig(**{key: value})
     with pytest.raises(ValueError, match='not one of adamw, muon'):
-        tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'sgd')
+        configure_optimizers(tiny_model(), 0.1, 1e-3, (0.9, 0.95), 'cpu', 'sgd')
     # through train.py: one line naming the setting, exit code 2
     for arg, fragment in (('--activation=gelu2', "activation='gelu2' is not one of"), ('--optimizer=sgd', "use 'adamw' or 'muon'")):
         proc = run('train.py', *TINY_TRAIN, f'--dataset={char_dataset}', f'--out_dir={tmp_path}', arg, check=False)
         assert proc.returncode == 2
         assert_clean_error(proc, fragment)
-
-
-# -----------------------------------------------------------------------------
-# Muon through train.py: resume, gradient accumulation, a changed optimizer on resume
-
-MUON_TRAIN = [*TINY_TRAIN, '--optimizer=muon', '--muon_lr=0.03', '--activation=relu2', '--position=rotary',
-              '--norm=rmsnorm', '--qk_norm=True', '--tie_weights=False', '--zero_init_proj=True',
-              '--logit_softcap=15.0', '--lr_decay_iters=12', '--eval_interval=6', '--always_save_checkpoint=True']
-
-
-def final_weights(out_dir):
-    ckpt = json.loads((out_dir / 'checkpoint.json').read_text())
-    return ckpt, load_file(out_dir / ckpt['model_file'])
-
-
-def test_muon_resume_equals_uninterrupted_run(char_dataset, tmp_path):
-    data = f'--dataset={char_dataset}'
-    whole, split = tmp_path / 'whole', tmp_path / 'split'
-    first = run('train.py', *MUON_TRAIN, data, f'--out_dir={whole}', '--max_iters=12')
-    run('train.py', *MUON_TRAIN, data, f'--out_dir={split}', '--max_iters=6')
-    # resuming with another optimizer would silently start a different run: it is refused
-    proc = run('train.py', *MUON_TRAIN, data, f'--out_dir={split}', '--init_from=resume', '--max_iters=12',
-               '--optimizer=adamw', check=False)
-    assert_clean_error(proc, "optimizer='muon'", '--optimizer=muon')
-    resumed = run('train.py', *MUON_TRAIN, data, f'--out_dir={split}', '--init_from=resume', '--max_iters=12')
-
-    losses = val_losses(first.stdout)
-    assert losses[-1] < losses[0] - 0.5, losses
-    assert val_losses(resumed.stdout)[-1] == losses[-1]
-    (ckpt_a, a), (ckpt_b, b) = final_weights(whole), final_weights(split)
-    assert ckpt_a['iter_num'] == ckpt_b['iter_num'] == 12 and ckpt_b['config']['optimizer'] == 'muon'
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def test_muon_gradient_accumulation_equals_one_big_batch(char_dataset, tmp_path):
-    """4 micro-batches of 2 rows draw the same rows as one batch of 8 (the same sampler stream), so the
-    averaged gradient and Muon's update agree up to float rounding."""
-    data = f'--dataset={char_dataset}'
-    run('train.py', *MUON_TRAIN, data, f'--out_dir={tmp_path / "big"}', '--max_iters=6', '--batch_size=8',
-        '--gradient_accumulation_steps=1')
-    run('train.py', *MUON_TRAIN, data, f'--out_dir={tmp_path / "accum"}', '--max_iters=6', '--batch_size=2',
-        '--gradient_accumulation_steps=4')
-    (_, big), (_, accum) = final_weights(tmp_path / 'big'), final_weights(tmp_path / 'accum')
-    for key in big:
-        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-5, msg=key)
-    # and the weights did move: equal because the runs agree, not because nothing happened
-    init = tiny_model_like(tmp_path / 'big')
-    assert any(not torch.allclose(big[k], init[k]) for k in big if k in init)
-
-
-def tiny_model_like(out_dir):
-    """The initial weights of the run in out_dir: the same config and seed, nothing trained."""
-    ckpt = json.loads((out_dir / 'checkpoint.json').read_text())
-    torch.manual_seed(ckpt['config']['seed'])
-    return GPT(GPTConfig(**ckpt['model_args'])).state_dict()
-
-
-def test_muon_under_ddp_stops_every_process_at_the_target(char_dataset, tmp_path):
-    """Two CPU processes (gloo) with Muon: DDP averages the gradients, each process applies the same
-    Muon update. Only the master evaluates, so reaching target_val_loss must stop the other one too
-    (else it would wait forever in the next all-reduce)."""
-    out = tmp_path / 'ddp'
-    proc = torchrun(2, 'train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *MUON_TRAIN,
-                    '--gradient_accumulation_steps=2', '--max_iters=100000', '--lr_decay_iters=100000',
-                    '--eval_interval=5', '--target_val_loss=3.0', timeout=300)
-    losses = val_losses(proc.stdout)
-    assert losses[-1] <= 3.0 < min(losses[:-1]), losses
-    assert 'tokens per iteration will be: 512' in proc.stdout  # 2 processes x 1 micro-step x 8 x 32
-    stop = 5 * (len(losses) - 1)
-    assert f'reached target val loss 3.0 at step {stop}' in proc.stdout
-    ckpt, _ = final_weights(out)
-    assert ckpt['iter_num'] == stop and ckpt['config']['optimizer'] == 'muon'
 
 
 @pytest.mark.parametrize('config', ['shakespeare_char_cpu_speedrun.py', 'shakespeare_char_speedrun.py',

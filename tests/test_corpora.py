@@ -68,7 +68,7 @@ def greedy_completion(out_dir, prompt, max_new_tokens):
     tokenizer stored in the checkpoint, argmax over the tokenizer's ids, a stop at end-of-text."""
     import torch
     from checkpoint import load_model
-    model, ckpt = load_model(out_dir)
+    model, _, ckpt = load_model(out_dir)
     model.eval()
     tok = load_tokenizer(ckpt['tokenizer'])
     ids = tok.encode(prompt)

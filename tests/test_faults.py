@@ -17,7 +17,9 @@ from conftest import ROOT, TINY_TEXT, assert_clean_error, run
 
 import faults
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from generate import generate
 from model import GPT, GPTConfig
+from muon import configure_optimizers
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +37,7 @@ KILL_AT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from checkpoint import load_model, save_checkpoint
-model, ckpt = load_model({out!r})
+model, _, ckpt = load_model({out!r})
 real_replace, calls = os.replace, [0]
 def replace(src, dst):  # the save's renames: model file, optimizer file, checkpoint.json
     calls[0] += 1
@@ -58,7 +60,7 @@ def test_a_kill_in_each_phase_of_a_save_keeps_the_previous_checkpoint(lab, renam
     proc = subprocess.run([sys.executable, '-c', KILL_AT.format(root=str(ROOT), out=out, n=rename)], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     assert len(os.listdir(out)) > 4  # the killed save left something behind
-    model, ckpt = load_model(out)
+    model, _, ckpt = load_model(out)
     assert ckpt['iter_num'] == 4 and faults.same_weights(faults.weights(out)[1], before[1])
     code, _, err = faults.finish(lab.train(out, '--init_from=resume', '--max_iters=6', '--eval_interval=2'))
     assert code == 0, err
@@ -160,9 +162,9 @@ def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(lab, name, message):
 def test_damage_only_a_resume_meets_is_refused_with_what_is_wrong(lab, name, message):
     from checkpoint import load_training_state
     folder = damaged(lab, name)
-    model, ckpt = load_model(folder)
+    model, _, ckpt = load_model(folder)
     with pytest.raises(CheckpointError) as error:
-        load_training_state(folder, ckpt, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu'))
+        load_training_state(folder, ckpt, configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu'))
     assert message in str(error.value)
 
 
@@ -188,10 +190,10 @@ def test_a_rotary_model_of_a_huge_context_decodes_with_a_cache_sized_to_the_requ
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=10**9, vocab_size=32, position='rotary')).eval()
     prompt = torch.randint(0, 32, (1, 5))
-    out = model.generate(prompt, 6, temperature=0)
+    out = generate(model, prompt, 6, temperature=0)
     small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32, position='rotary')).eval()
     small.load_state_dict(model.state_dict())
-    assert torch.equal(out, small.generate(prompt, 6, temperature=0))
+    assert torch.equal(out, generate(small, prompt, 6, temperature=0))
 
 
 def test_a_reader_racing_a_save_takes_the_newer_checkpoint(lab, monkeypatch):
@@ -205,7 +207,7 @@ def test_a_reader_racing_a_save_takes_the_newer_checkpoint(lab, monkeypatch):
     reads = iter([stale])
     real = checkpoint.read_checkpoint
     monkeypatch.setattr(checkpoint, 'read_checkpoint', lambda folder: next(reads, None) or real(folder))
-    model, ckpt = checkpoint.load_model(out)
+    model, _, ckpt = checkpoint.load_model(out)
     assert ckpt['iter_num'] == 4
 
 
@@ -225,7 +227,7 @@ def test_a_save_spares_other_files_and_never_overwrites_the_current_checkpoint(t
     save_checkpoint(tmp_path, model, None, 5, 1.0, args, {}, None)
     second = read_checkpoint(tmp_path)['model_file']
     assert (first, second) == ('model-0000005.safetensors', 'model-0000005-1.safetensors')
-    loaded, _ = load_model(tmp_path)
+    loaded, _, _ = load_model(tmp_path)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     assert all((tmp_path / name).read_bytes() == b'mine' for name in foreign)
     assert sorted(os.listdir(tmp_path)) == sorted(foreign + ['checkpoint.json', second, 'optimizer-0000005-1.safetensors'])

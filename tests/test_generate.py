@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from generate import (beam_search, check_controls, filter_top_k, filter_top_p, generate_text, generate_tokens,
-                      penalise_repetition, sample_token, sequence_score)
-from model import GPT, GPTConfig, Decoder
+from generate import (Decoder, beam_search, check_controls, filter_top_k, filter_top_p, generate, generate_text,
+                      generate_tokens, penalise_repetition, sample_token, use_decoding_layout)
+from model import GPT, GPTConfig
+from muon import configure_optimizers
 from tokenizer import make_tokenizer
 
 BLOCK = 16
@@ -28,8 +29,18 @@ def tiny_gpt(seed=0, vocab_size=48, **overrides):
     return model
 
 
+@torch.no_grad()
+def sequence_score(model, idx, tokens, length_penalty=1.0):
+    """The beam score of continuing idx (1, T) by tokens, from one plain forward pass (T + len(tokens)
+    must fit block_size): a reference for beam_search."""
+    full = torch.cat([idx, torch.tensor([tokens], dtype=torch.long, device=idx.device)], dim=1)
+    logits, _ = model(full[:, :-1])
+    logp = F.log_softmax(logits.float(), dim=-1)[0, idx.size(1) - 1:]
+    return logp.gather(1, full[0, idx.size(1):, None]).sum().item() / len(tokens) ** length_penalty
+
+
 def window_start(length, start):
-    """The documented window rule (model.Decoder): past block_size, jump to the newest half block."""
+    """The documented window rule (generate.Decoder): past block_size, jump to the newest half block."""
     return length - BLOCK // 2 if length - start > BLOCK else start
 
 
@@ -52,19 +63,28 @@ def test_cache_logits_equal_no_cache_and_plain_forward_past_block_size(overrides
         cached.append(token), plain.append(token)
         seq = torch.cat([seq, token[:, None]], dim=1)
     # and the public API gives identical greedy tokens both ways, and the ones the reference chose
-    with_cache = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=True)
-    without = model.generate(prompt, 3 * BLOCK, temperature=0, use_cache=False)
+    with_cache = generate(model, prompt, 3 * BLOCK, temperature=0, use_cache=True)
+    without = generate(model, prompt, 3 * BLOCK, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
     assert torch.equal(with_cache, seq)
 
 
+def test_generating_leaves_the_weight_layout_alone():
+    """generate() reads the model and changes nothing of it: every weight keeps its memory order."""
+    model = tiny_gpt(tie_weights=True)
+    layout = {name: (p.stride(), p.data_ptr()) for name, p in model.named_parameters()}
+    generate(model, torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(3)), 4, temperature=0)
+    assert {name: (p.stride(), p.data_ptr()) for name, p in model.named_parameters()} == layout
+
+
 def test_decoding_layout_changes_memory_order_only():
-    """Decoder stores the wide matrices transposed in memory (model.use_decoding_layout): the values, the
-    logits, and training afterwards stay what they were; only the memory order of those matrices changes."""
+    """use_decoding_layout stores the wide matrices transposed in memory: the values, the logits, and training
+    afterwards stay what they were; only the memory order of those matrices changes."""
     model = tiny_gpt(tie_weights=True)  # a tied head of 48 x 32 is wide, and is the embedding too
     reference = copy.deepcopy(model)
     prompt = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(3))
-    generated = model.generate(prompt, 4, temperature=0)[:, -10:]
+    assert use_decoding_layout(model) is model
+    generated = generate(model, prompt, 4, temperature=0)[:, -10:]
     assert not generated.is_inference()  # an ordinary tensor: it may be trained on, as below
     block = model.transformer.h[0]
     for wide in (block.attn.c_attn.weight, block.mlp.c_fc.weight, model.lm_head.weight):
@@ -78,7 +98,7 @@ def test_decoding_layout_changes_memory_order_only():
     targets = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(4))
     for m in (model, reference):
         m.train()
-        optimizer = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+        optimizer = configure_optimizers(m, 0.1, 1e-2, (0.9, 0.95), 'cpu')
         m(generated, targets)[1].backward()
         optimizer.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
@@ -88,19 +108,19 @@ def test_decoding_layout_changes_memory_order_only():
 def test_rows_of_a_batch_are_independent():
     model = tiny_gpt()
     prompts = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(2))
-    together = model.generate(prompts, 30, temperature=0)
+    together = generate(model, prompts, 30, temperature=0)
     for row in range(3):
-        assert torch.equal(together[row], model.generate(prompts[[row]], 30, temperature=0)[0])
+        assert torch.equal(together[row], generate(model, prompts[[row]], 30, temperature=0)[0])
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy():
     model = tiny_gpt()
     prompt = torch.randint(0, 48, (4, 3), generator=torch.Generator().manual_seed(3))
-    greedy = model.generate(prompt, 40, temperature=0)
+    greedy = generate(model, prompt, 40, temperature=0)
     torch.manual_seed(0)
-    assert torch.equal(model.generate(prompt, 40, temperature=1.5, top_k=1), greedy)
-    assert torch.equal(model.generate(prompt, 40, temperature=1.5, top_p=1e-6), greedy)
-    sampled = model.generate(prompt, 40, temperature=1.5)
+    assert torch.equal(generate(model, prompt, 40, temperature=1.5, top_k=1), greedy)
+    assert torch.equal(generate(model, prompt, 40, temperature=1.5, top_p=1e-6), greedy)
+    sampled = generate(model, prompt, 40, temperature=1.5)
     assert not torch.equal(sampled, greedy)  # the comparison above is not vacuous
 
 
@@ -152,15 +172,15 @@ def test_repetition_penalty_lowers_seen_tokens_only():
     for _ in range(BLOCK - 4):
         logits = model(seq)[0][:, -1].float()
         seq = torch.cat([seq, penalise_repetition(logits, seq, 1.8).argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(model.generate(prompt, BLOCK - 4, temperature=0, repetition_penalty=1.8), seq)
-    assert not torch.equal(model.generate(prompt, BLOCK - 4, temperature=0), seq)
+    assert torch.equal(generate(model, prompt, BLOCK - 4, temperature=0, repetition_penalty=1.8), seq)
+    assert not torch.equal(generate(model, prompt, BLOCK - 4, temperature=0), seq)
 
 
 def test_one_beam_is_greedy():
     model = tiny_gpt()
     for seed in range(3):
         prompt = torch.randint(0, 48, (1, 4), generator=torch.Generator().manual_seed(seed))
-        greedy = model.generate(prompt, 3 * BLOCK, temperature=0)[0, 4:].tolist()
+        greedy = generate(model, prompt, 3 * BLOCK, temperature=0)[0, 4:].tolist()
         assert beam_search(model, prompt, 3 * BLOCK, num_beams=1)[0][1] == greedy
         # with an end-of-text token: greedy stops at it, and so does the single beam
         eot = greedy[5]
@@ -293,7 +313,7 @@ def test_compiled_decoding_compiles_a_few_graphs_and_gives_the_same_tokens(overr
     compiled = torch.compile(model, backend=counter)
     for seed, prompt_len in ((1, 5), (2, 9), (3, 3)):
         prompt = torch.randint(0, 48, (2, prompt_len), generator=torch.Generator().manual_seed(seed))
-        eager = model.generate(prompt, 3 * BLOCK, temperature=0)
+        eager = generate(model, prompt, 3 * BLOCK, temperature=0)
         tokens = torch.stack(list(generate_tokens(compiled, prompt, 3 * BLOCK, temperature=0)), dim=1)
         assert torch.equal(torch.cat([prompt, tokens], dim=1), eager)
     assert counter.frame_count <= 4

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
+from muon import configure_optimizers
 
 
 def tiny(**overrides):
@@ -83,7 +84,7 @@ def test_initial_loss_is_uniform_and_tiny_model_overfits():
     idx = torch.randint(0, 37, (4, 16))
     _, loss = model(idx, idx.roll(-1, dims=1))
     assert abs(loss.item() - math.log(37)) < 0.2  # a fresh model predicts nearly uniformly
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), 'cpu')
+    optimizer = configure_optimizers(model, 0.0, 3e-3, (0.9, 0.99), 'cpu')
     for _ in range(150):
         _, loss = model(idx, idx.roll(-1, dims=1))
         optimizer.zero_grad()
@@ -111,7 +112,7 @@ def test_gpt2_init_scales_residual_projections():
 
 def test_optimizer_decays_matrices_only():
     model = tiny()
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu')
     decay, no_decay = optimizer.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     assert all(p.dim() == 2 for p in decay['params']) and all(p.dim() == 1 for p in no_decay['params'])

@@ -1,6 +1,8 @@
-"""Tests for muon.py: Newton-Schulz, the Muon and AdamW halves, training, resume, param grouping."""
+"""Tests for muon.py: Newton-Schulz, the Muon and AdamW halves, training, resume, param grouping, and Muon through
+train.py (resume, gradient accumulation, DDP) against uninterrupted and single-batch runs."""
 
 import io
+import json
 import os
 import sys
 
@@ -10,7 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from muon import MuonWithAdamW, muon_param_groups, zeropower_via_newtonschulz5  # noqa: E402
+from conftest import TINY_TRAIN, assert_clean_error, final_weights, run, torchrun, val_losses  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from muon import MuonWithAdamW, configure_optimizers, muon_param_groups, zeropower_via_newtonschulz5  # noqa: E402
 
 
 class TinyGPTish(nn.Module):
@@ -255,11 +259,79 @@ def test_fused_matrices_are_orthogonalised_part_by_part(parts, rows, cols):
 
 
 def test_gpt_names_its_fused_matrices_for_muon():
-    from model import GPT, GPTConfig
     for activation, expected in (('gelu', {'attn.c_attn.weight': 3}),
                                  ('swiglu', {'attn.c_attn.weight': 3, 'mlp.c_fc.weight': 2})):
         model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, activation=activation))
         assert model.fused_matrices() == {f'transformer.h.{i}.{k}': n for i in range(2) for k, n in expected.items()}
-        muon = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon').param_groups[0]
+        muon = configure_optimizers(model, 0.0, 1e-3, (0.9, 0.95), 'cpu', 'muon').param_groups[0]
         names = {id(p): n for n, p in model.named_parameters()}
         assert {names[id(p)]: n for p, n in zip(muon['params'], muon['parts']) if n > 1} == model.fused_matrices()
+
+
+# -----------------------------------------------------------------------------
+# Muon through train.py: resume, gradient accumulation, a changed optimizer on resume
+
+MUON_TRAIN = [*TINY_TRAIN, '--optimizer=muon', '--muon_lr=0.03', '--activation=relu2', '--position=rotary',
+              '--norm=rmsnorm', '--qk_norm=True', '--tie_weights=False', '--zero_init_proj=True',
+              '--logit_softcap=15.0', '--lr_decay_iters=12', '--eval_interval=6', '--always_save_checkpoint=True']
+
+
+def test_muon_resume_equals_uninterrupted_run(char_dataset, tmp_path):
+    data = f'--dataset={char_dataset}'
+    whole, split = tmp_path / 'whole', tmp_path / 'split'
+    first = run('train.py', *MUON_TRAIN, data, f'--out_dir={whole}', '--max_iters=12')
+    run('train.py', *MUON_TRAIN, data, f'--out_dir={split}', '--max_iters=6')
+    # resuming with another optimizer would silently start a different run: it is refused
+    proc = run('train.py', *MUON_TRAIN, data, f'--out_dir={split}', '--init_from=resume', '--max_iters=12',
+               '--optimizer=adamw', check=False)
+    assert_clean_error(proc, "optimizer='muon'", '--optimizer=muon')
+    resumed = run('train.py', *MUON_TRAIN, data, f'--out_dir={split}', '--init_from=resume', '--max_iters=12')
+
+    losses = val_losses(first.stdout)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert val_losses(resumed.stdout)[-1] == losses[-1]
+    (ckpt_a, a), (ckpt_b, b) = final_weights(whole), final_weights(split)
+    assert ckpt_a['iter_num'] == ckpt_b['iter_num'] == 12 and ckpt_b['config']['optimizer'] == 'muon'
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_muon_gradient_accumulation_equals_one_big_batch(char_dataset, tmp_path):
+    """4 micro-batches of 2 rows draw the same rows as one batch of 8 (the same sampler stream), so the
+    averaged gradient and Muon's update agree up to float rounding."""
+    data = f'--dataset={char_dataset}'
+    run('train.py', *MUON_TRAIN, data, f'--out_dir={tmp_path / "big"}', '--max_iters=6', '--batch_size=8',
+        '--gradient_accumulation_steps=1')
+    run('train.py', *MUON_TRAIN, data, f'--out_dir={tmp_path / "accum"}', '--max_iters=6', '--batch_size=2',
+        '--gradient_accumulation_steps=4')
+    (_, big), (_, accum) = final_weights(tmp_path / 'big'), final_weights(tmp_path / 'accum')
+    for key in big:
+        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-5, msg=key)
+    # and the weights did move: equal because the runs agree, not because nothing happened
+    init = tiny_model_like(tmp_path / 'big')
+    assert any(not torch.allclose(big[k], init[k]) for k in big if k in init)
+
+
+def tiny_model_like(out_dir):
+    """The initial weights of the run in out_dir: the same config and seed, nothing trained."""
+    ckpt = json.loads((out_dir / 'checkpoint.json').read_text())
+    torch.manual_seed(ckpt['config']['seed'])
+    return GPT(GPTConfig(**ckpt['model_args'])).state_dict()
+
+
+def test_muon_under_ddp_stops_every_process_at_the_target(char_dataset, tmp_path):
+    """Two CPU processes (gloo) with Muon: DDP averages the gradients, each process applies the same
+    Muon update. Only the master evaluates, so reaching target_val_loss must stop the other one too
+    (else it would wait forever in the next all-reduce)."""
+    out = tmp_path / 'ddp'
+    proc = torchrun(2, 'train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *MUON_TRAIN,
+                    '--gradient_accumulation_steps=2', '--max_iters=100000', '--lr_decay_iters=100000',
+                    '--eval_interval=5', '--target_val_loss=3.0', timeout=300)
+    losses = val_losses(proc.stdout)
+    assert losses[-1] <= 3.0 < min(losses[:-1]), losses
+    assert 'tokens per iteration will be: 512' in proc.stdout  # 2 processes x 1 micro-step x 8 x 32
+    stop = 5 * (len(losses) - 1)
+    assert f'reached target val loss 3.0 at step {stop}' in proc.stdout
+    ckpt, _ = final_weights(out)
+    assert ckpt['iter_num'] == stop and ckpt['config']['optimizer'] == 'muon'

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_clean_error, run as run_script
+from conftest import ROOT, TINY_TEXT, assert_clean_error, run as run_script
 import prepare
+from dataset import load_meta
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 
 TIKTOKEN_CACHE = ROOT.parent / 'shared' / 'data' / 'tiktoken_cache'
@@ -361,3 +362,36 @@ def test_failed_prepare_leaves_the_previous_dataset_intact(paragraph_dataset, tm
     (tmp_path / 'bad.txt').write_bytes('Gênes\n\n'.encode('utf-8') * 1000 + b'\xff\n')
     error_line(run('prepare.py', f'--input={tmp_path / "bad.txt"}', f'--out_dir={target}', '--tokenizer=char', check=False))
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- data/shakespeare_char/prepare.py
+
+def test_prepare_writes_splits_and_tokenizer(char_dataset):
+    meta = load_meta(char_dataset)
+    assert meta['dtype'] == 'uint16' and meta['vocab_size'] == len(set(TINY_TEXT))
+    tokenizer = load_tokenizer(meta['tokenizer'])
+    n = int(0.9 * len(TINY_TEXT))
+    for split, expected in (('train', TINY_TEXT[:n]), ('val', TINY_TEXT[n:])):
+        ids = np.fromfile(char_dataset / f'{split}.bin', dtype=np.uint16)
+        assert tokenizer.decode(ids) == expected
+        assert meta[f'{split}_tokens'] == len(expected)
+
+
+def test_prepare_without_network_or_input_says_how_to_supply_the_text(tmp_path):
+    # an unreachable proxy makes the download fail at once, as it does offline
+    proxy = {'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
+    proc = run_script('data/shakespeare_char/prepare.py', f'--out_dir={tmp_path}', check=False, env=proxy)
+    assert_clean_error(proc, 'cannot download', f'{tmp_path}/input.txt', '--input=PATH')
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_prepare_rejects_empty_and_non_utf8_text(tmp_path):
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('')
+    assert_clean_error(run_script('data/shakespeare_char/prepare.py', f'--input={empty}', f'--out_dir={tmp_path}/a', check=False), 'empty')
+    latin1 = tmp_path / 'latin1.txt'
+    latin1.write_bytes('first line\nol\u00e1 mundo\n'.encode('latin-1'))
+    proc = run_script('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', check=False)
+    assert_clean_error(proc, 'not UTF-8', 'line 2', '--encoding_errors=replace')
+    run_script('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', '--encoding_errors=replace')
+    assert '\ufffd' in load_meta(tmp_path / 'b')['tokenizer']['chars']

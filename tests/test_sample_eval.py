@@ -34,7 +34,7 @@ def trained(char_dataset, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def loaded(trained):
-    model, ckpt = load_model(trained[0])
+    model, _, ckpt = load_model(trained[0])
     return model.eval(), load_tokenizer(ckpt['tokenizer'])
 
 
@@ -154,7 +154,7 @@ def test_eval_full_pass_and_text_file_side_by_side(trained, loaded, char_dataset
     # a second checkpoint, different weights, for the side-by-side table
     other = tmp_path / 'other'
     ckpt = read_checkpoint(out)
-    changed, _ = load_model(out)
+    changed, _, _ = load_model(out)
     with torch.no_grad():
         changed.lm_head.weight.mul_(1.5)
     save_checkpoint(other, changed, None, 20, 0.0, ckpt['model_args'], ckpt['config'], ckpt['tokenizer'])

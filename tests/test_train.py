@@ -2,26 +2,14 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from checkpoint import load_model, read_checkpoint
-from conftest import TINY_TEXT, TINY_TRAIN, assert_clean_error, run, torchrun, val_losses
+from conftest import TINY_TRAIN, assert_clean_error, run, torchrun, val_losses
 from dataset import load_meta
-from tokenizer import load_tokenizer
-
-
-def test_prepare_writes_splits_and_tokenizer(char_dataset):
-    meta = load_meta(char_dataset)
-    assert meta['dtype'] == 'uint16' and meta['vocab_size'] == len(set(TINY_TEXT))
-    tokenizer = load_tokenizer(meta['tokenizer'])
-    n = int(0.9 * len(TINY_TEXT))
-    for split, expected in (('train', TINY_TEXT[:n]), ('val', TINY_TEXT[n:])):
-        ids = np.fromfile(char_dataset / f'{split}.bin', dtype=np.uint16)
-        assert tokenizer.decode(ids) == expected
-        assert meta[f'{split}_tokens'] == len(expected)
+from muon import configure_optimizers
 
 
 def train(dataset, out_dir, *args, check=True):
@@ -43,7 +31,7 @@ def test_training_lowers_loss_and_writes_a_loadable_checkpoint(char_dataset, tmp
     assert ckpt['config']['max_iters'] == 60 and ckpt['model_args']['n_layer'] == 2
     assert sorted(p.name for p in out.iterdir()) == [  # .lock: kept, it marks the folder while a run trains
         '.lock', 'checkpoint.json', 'model-0000060.safetensors', 'optimizer-0000060.safetensors']
-    model, _ = load_model(out)
+    model, _, _ = load_model(out)
     assert model.config.vocab_size == 64  # the tokenizer's 23 characters, padded to a multiple of 64
 
 
@@ -68,7 +56,7 @@ def test_ddp_two_processes_on_cpu(char_dataset, tmp_path):
     assert 'tokens per iteration will be: 512' in proc.stdout  # 2 processes x 1 micro-step x 8 x 32
     losses = val_losses(proc.stdout)
     assert losses[-1] < losses[0] - 0.5, proc.stdout
-    model, ckpt = load_model(out)
+    model, _, ckpt = load_model(out)
     assert ckpt['iter_num'] == 40
 
 
@@ -95,24 +83,18 @@ def test_resume_refuses_a_dataset_with_another_tokenizer(char_dataset, tmp_path)
     assert_clean_error(proc, 'another tokenizer')
 
 
-def test_prepare_without_network_or_input_says_how_to_supply_the_text(tmp_path):
-    # an unreachable proxy makes the download fail at once, as it does offline
-    proxy = {'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
-    proc = run('data/shakespeare_char/prepare.py', f'--out_dir={tmp_path}', check=False, env=proxy)
-    assert_clean_error(proc, 'cannot download', f'{tmp_path}/input.txt', '--input=PATH')
-    assert not any(tmp_path.iterdir())  # nothing half-written
-
-
-def test_prepare_rejects_empty_and_non_utf8_text(tmp_path):
-    empty = tmp_path / 'empty.txt'
-    empty.write_text('')
-    assert_clean_error(run('data/shakespeare_char/prepare.py', f'--input={empty}', f'--out_dir={tmp_path}/a', check=False), 'empty')
-    latin1 = tmp_path / 'latin1.txt'
-    latin1.write_bytes('first line\nol\u00e1 mundo\n'.encode('latin-1'))
-    proc = run('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', check=False)
-    assert_clean_error(proc, 'not UTF-8', 'line 2', '--encoding_errors=replace')
-    run('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', '--encoding_errors=replace')
-    assert '\ufffd' in load_meta(tmp_path / 'b')['tokenizer']['chars']
+def test_init_from_a_checkpoint_folder_fine_tunes_its_weights(char_dataset, tmp_path):
+    """init_from names another run's checkpoint folder: training starts from its weights (the first evaluation, on
+    the same batches, gives the val loss the base run ended with) at iteration 0, in a new out_dir; the base's
+    checkpoint is untouched and the refused cases give one line."""
+    base, tuned = tmp_path / 'base', tmp_path / 'tuned'
+    first = train(char_dataset, base, '--max_iters=10', '--eval_interval=10')
+    saved = (base / 'checkpoint.json').read_text()
+    proc = train(char_dataset, tuned, f'--init_from={base}', '--max_iters=4', '--eval_interval=4', '--learning_rate=1e-4')
+    assert val_losses(proc.stdout)[0] == val_losses(first.stdout)[-1]
+    assert read_checkpoint(tuned)['iter_num'] == 4 and (base / 'checkpoint.json').read_text() == saved
+    assert_clean_error(train(char_dataset, tmp_path / 'x', f'--init_from={base}', '--block_size=64', check=False),
+                       'block_size=64 is larger than', '--block_size=32')
 
 
 def test_eval_only_evaluates_a_resumed_checkpoint_without_training(char_dataset, tmp_path):
@@ -135,7 +117,7 @@ def test_every_model_field_is_a_training_setting(char_dataset, tmp_path):
     assert not missing, missing
     out = tmp_path / 'out'
     train(char_dataset, out, '--max_iters=2', '--eval_interval=2', '--position=rotary', '--rope_base=500.0')
-    model, ckpt = load_model(out)
+    model, _, ckpt = load_model(out)
     assert ckpt['model_args']['rope_base'] == model.config.rope_base == 500.0
     from model import rotary_tables
     cos, _ = rotary_tables(16, torch.arange(8), model.config.rope_base)  # head size 16
@@ -165,11 +147,11 @@ def test_optimizer_state_loads_without_its_saved_settings(tmp_path, kind):
     from checkpoint import load_training_state, save_checkpoint
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    old = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', kind, muon_lr=0.02, muon_momentum=0.95)
+    old = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', kind, muon_lr=0.02, muon_momentum=0.95)
     model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))[1].backward()
     old.step()
     save_checkpoint(tmp_path, model, old, 1, 0.0, {}, {}, None)
-    new = model.configure_optimizers(0.0, 5e-4, (0.8, 0.99), 'cpu', kind, muon_lr=0.01, muon_momentum=0.9)
+    new = configure_optimizers(model, 0.0, 5e-4, (0.8, 0.99), 'cpu', kind, muon_lr=0.01, muon_momentum=0.9)
     expected = [{k: v for k, v in g.items() if k != 'params'} for g in new.param_groups]
     load_training_state(tmp_path, read_checkpoint(tmp_path), new)
     assert [{k: v for k, v in g.items() if k != 'params'} for g in new.param_groups] == expected
