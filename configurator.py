@@ -29,6 +29,13 @@ class ConfigError(Exception):
     """A mistake on the command line or in a config file."""
 
 
+class Config(dict):
+    """The settings, by key; .explicit names those the command line or a config file set, .defaults holds the
+    script's own values."""
+    explicit = frozenset()
+    defaults = {}
+
+
 def fail(message):
     """End a script on bad input: one line on stderr, exit code 2, no traceback."""
     print(f'error: {message}', file=sys.stderr)
@@ -103,9 +110,20 @@ def help_text(namespace, defaults):
     return '\n'.join(lines)
 
 
+def _assigned_names(source):
+    """The names a config file assigns at its top level (even to their default value)."""
+    names = set()
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        for target in targets:
+            names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
 def apply_config(defaults, argv):
-    """Return a dict of the settings in defaults overridden by argv; raise ConfigError on mistakes."""
-    config = dict(defaults)
+    """Return the settings in defaults overridden by argv, as a Config; raise ConfigError on mistakes."""
+    config = Config(defaults)
+    explicit = set()
     known = list(defaults)
     for arg in argv:
         if not arg.startswith('--'):
@@ -114,7 +132,9 @@ def apply_config(defaults, argv):
             scope = dict(config)
             try:
                 with open(arg, encoding='utf-8') as f:
-                    exec(compile(f.read(), arg, 'exec'), scope)
+                    source = f.read()
+                exec(compile(source, arg, 'exec'), scope)
+                explicit.update(_assigned_names(source) & config.keys())
             except Exception as e:
                 raise ConfigError(f'error in config file {arg}: {type(e).__name__}: {e}') from None
             for key, value in scope.items():
@@ -132,7 +152,22 @@ def apply_config(defaults, argv):
             if key not in config:
                 raise _unknown_key(key, known)
             config[key] = _check_type(key, _parse_value(raw, defaults[key]), defaults[key])
+            explicit.add(key)
+    config.explicit, config.defaults = frozenset(explicit), dict(defaults)
     return config
+
+
+def inherit(config, saved, keep=()):
+    """Take every setting of saved (a resumed run's config) that config has, was not set explicitly, and is not
+    in keep; returns the keys whose value changed. Raises ConfigError on a value of the wrong type."""
+    taken = []
+    for key, value in saved.items():
+        if key in config and key not in config.explicit and key not in keep:
+            value = _check_type(key, value, config.defaults[key])
+            if value != config[key]:
+                config[key] = value
+                taken.append(key)
+    return taken
 
 
 def configure(namespace, argv=None):

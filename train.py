@@ -24,9 +24,9 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, rng_state, save_checkpoint,
-                        set_rng_state)
-from configurator import configure, fail
+from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, read_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
+from configurator import ConfigError, configure, fail, inherit
 from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import GPT, GPTConfig
@@ -96,6 +96,16 @@ for _field in dataclasses.fields(GPTConfig):
         globals().setdefault(_field.name, _field.default)
 # -----------------------------------------------------------------------------
 config = configure(globals())
+if init_from == 'resume':
+    # a resumed run goes on as the saved run was set up: only what this command line (or a config file given now)
+    # sets changes, and the log below lists it. (The model's shape always comes from the checkpoint.)
+    try:
+        inherit(config, read_checkpoint(out_dir)['config'], keep=('init_from', 'out_dir', 'eval_only'))
+    except CheckpointError as e:
+        fail(e)
+    except ConfigError as e:
+        fail(f'{out_dir}/checkpoint.json is damaged: its config says {e}')
+    globals().update(config)
 # -----------------------------------------------------------------------------
 
 

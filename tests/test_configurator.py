@@ -64,3 +64,19 @@ def test_help_lists_every_key_with_default_and_comment():
     assert '--batch_size' in proc.stdout and '= 12' in proc.stdout
     assert 'micro-batch size' in proc.stdout
     assert '--learning_rate' in proc.stdout and '--init_from' in proc.stdout
+
+
+def test_explicit_settings_and_inheriting_a_saved_run(tmp_path):
+    """What the command line or a config file sets (even to its default value) is explicit; inherit() takes the
+    saved run's value of every other setting, checked against the default's type."""
+    from configurator import inherit
+    config_file = tmp_path / 'cfg.py'
+    config_file.write_text('batch_size = 12  # its default, but set here\n')
+    config = apply_config(DEFAULTS, [str(config_file), '--compile=False'])
+    assert config.explicit == {'batch_size', 'compile'}
+    saved = dict(batch_size=64, compile=True, learning_rate=1e-3, device='cuda', gone_key=1)
+    assert sorted(inherit(config, saved, keep=('device',))) == ['learning_rate']
+    assert config['batch_size'] == 12 and config['compile'] is False and config['learning_rate'] == 1e-3
+    assert config['device'] == DEFAULTS['device']
+    with pytest.raises(ConfigError, match='learning_rate must be float'):
+        inherit(apply_config(DEFAULTS, []), dict(learning_rate='fast'))
