@@ -26,6 +26,7 @@ NORMS = ('layernorm', 'rmsnorm')
 class GPTConfig:
     block_size: int = 1024
     vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 for speed
+    real_vocab_size: int = 0    # the tokenizer's vocabulary: rows of vocab_size past it only pad (0: none do)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -49,6 +50,8 @@ class GPTConfig:
         for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
             if getattr(self, key) < 1:
                 raise ValueError(f'{key}={getattr(self, key)} must be at least 1')
+        if not 0 <= self.real_vocab_size <= self.vocab_size:
+            raise ValueError(f'real_vocab_size={self.real_vocab_size} must be in [0, vocab_size={self.vocab_size}]')
         if not 0 <= self.dropout < 1:
             raise ValueError(f'dropout={self.dropout} must be in [0, 1)')
         if not (self.rope_base > 0 and self.logit_softcap >= 0):
@@ -255,6 +258,11 @@ class GPT(nn.Module):
             # soft-capping keeps logits in (-cap, cap) so no token gets an overconfident score early on
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits.float() / cap)
+        if 0 < self.config.real_vocab_size < self.config.vocab_size:
+            # the rows that pad the vocabulary to a multiple of 64 are no tokens: they get no probability, so the loss
+            # is over the tokenizer's vocabulary (as once exported, without them). In place: a copy of all the logits
+            # would cost memory, and nothing saved for the backward pass is this tensor
+            logits[..., self.config.real_vocab_size:] = float('-inf')
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

@@ -92,7 +92,7 @@ seed = 1337
 threads = 0  # CPU threads for torch, 0 leaves torch's default
 # every other GPTConfig field is a setting too, with the model's default (the vocabulary comes from the data)
 for _field in dataclasses.fields(GPTConfig):
-    if _field.name != 'vocab_size':
+    if _field.name not in ('vocab_size', 'real_vocab_size'):
         globals().setdefault(_field.name, _field.default)
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -202,9 +202,10 @@ def get_batch(split, rng):
 # model init
 iter_num = 0
 best_val_loss = 1e9
-model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size'}
+model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
 # the model's vocabulary comes from the tokenizer, padded up to a multiple of 64 for efficient matmuls
 model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
+model_args['real_vocab_size'] = meta['vocab_size']
 resumed = None  # the checkpoint.json of the run being resumed
 if init_from == 'scratch':
     if master_process:

@@ -130,6 +130,39 @@ def test_pipeline_greedy_text_equals_sample_py(tmp_path, bpe):
         assert ours[:-len('\n---------------\n')] == theirs
 
 
+def test_loss_is_over_the_real_vocabulary_so_checkpoint_export_and_transformers_agree(tmp_path):
+    """A char model's vocabulary is padded to a multiple of 64; the padding rows are no tokens. Its loss is over the
+    tokenizer's vocabulary: eval.py on the checkpoint, eval.py on its export (which has no padding rows) and
+    transformers on that export give one figure (before, the padding rows took probability: a higher loss)."""
+    from checkpoint import save_checkpoint
+    text = ''.join(CORPUS[:6])
+    char = make_tokenizer('char', text)
+    torch.manual_seed(4)
+    model_args = dict(block_size=32, vocab_size=64 * ((char.vocab_size + 63) // 64), real_vocab_size=char.vocab_size,
+                      n_layer=1, n_head=2, n_embd=32, tie_weights=False)
+    model = GPT(GPTConfig(**model_args))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+        model.lm_head.weight[char.vocab_size:] += 1.0  # padding rows that would take a good share of probability
+    out, exported, text_file = tmp_path / 'out', tmp_path / 'exported', tmp_path / 'text.txt'
+    save_checkpoint(out, model, None, 1, 0.0, model_args, {}, char.describe())
+    text_file.write_text(text, encoding='utf-8')
+    run('export_hf.py', f'--out_dir={out}', f'--hf_dir={exported}')
+    losses = [float(run('eval.py', *source, f'--text={text_file}', '--device=cpu').stdout.strip().splitlines()[1].split()[-3])
+              for source in ([f'--out_dir={out}'], [f'--init_from={exported}'])]
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(exported).eval()
+    ids = torch.tensor(char.encode(text))
+    with torch.no_grad():
+        total = sum(F.cross_entropy(hf(ids[s:s + 32][None]).logits[0][:len(ids[s + 1:s + 33])], ids[s + 1:s + 33],
+                                    reduction='sum').item() for s in range(0, len(ids) - 1, 32))
+    assert losses[0] == losses[1] == pytest.approx(total / (len(ids) - 1), abs=1e-4)
+    unmasked = GPT(GPTConfig(**dict(model_args, real_vocab_size=0)))
+    unmasked.load_state_dict(model.state_dict())
+    x = ids[:-1][:32][None]
+    assert unmasked(x, ids[1:33][None])[1].item() > model(x, ids[1:33][None])[1].item() + 0.1
+
+
 def test_char_tokenizer_exports_and_round_trips(tmp_path):
     text = ''.join(CORPUS[:2])
     char = make_tokenizer('char', text)

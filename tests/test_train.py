@@ -79,7 +79,10 @@ def test_bad_inputs_give_one_line(char_dataset, tmp_path):
     proc = run('train.py', '--dataset=no_such_corpus', *TINY_TRAIN, check=False)
     assert_clean_error(proc, 'no prepared dataset', 'prepare.py')
     proc = train(char_dataset, tmp_path / 'empty', '--init_from=resume', check=False)
-    assert_clean_error(proc, 'no complete checkpoint')
+    assert_clean_error(proc, 'does not exist', '--out_dir=')
+    assert not (tmp_path / 'empty').exists()  # nothing created for a run that cannot start
+    (tmp_path / 'empty').mkdir()
+    assert_clean_error(train(char_dataset, tmp_path / 'empty', '--init_from=resume', check=False), 'no complete checkpoint')
     proc = train(char_dataset, tmp_path / 'x', '--block_size=4096', check=False)
     assert_clean_error(proc, 'too few for block_size=4096')
     proc = train(char_dataset, tmp_path / 'x', '--init_from=pretrained', check=False)
@@ -128,7 +131,7 @@ def test_every_model_field_is_a_training_setting(char_dataset, tmp_path):
     import dataclasses
     from model import GPTConfig
     keys = {line.split()[0][2:] for line in run('train.py', '--help').stdout.splitlines() if line.startswith('  --')}
-    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size' and f.name not in keys]
+    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ('vocab_size', 'real_vocab_size') and f.name not in keys]
     assert not missing, missing
     out = tmp_path / 'out'
     train(char_dataset, out, '--max_iters=2', '--eval_interval=2', '--position=rotary', '--rope_base=500.0')
