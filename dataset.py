@@ -7,6 +7,7 @@ or 'uint32'), and whatever statistics the prepare script recorded (train_tokens,
 bytes_per_token, ...).
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -68,7 +69,7 @@ class DatasetWriter:
             os.fsync(f.fileno())
             f.close()
         meta = dict(tokenizer=self.tokenizer.describe(), vocab_size=self.tokenizer.vocab_size, dtype=self.dtype.name,
-                    **stats)
+                    lossless=self.tokenizer.lossless, **stats)
         files = {}
         if 'tokenizer_json' in meta['tokenizer']:
             # a trained BPE also as tokenizer.json, for other tools; our scripts read the copy in meta.json
@@ -148,6 +149,20 @@ def dataset_dir(name):
     return name if os.path.isdir(name) and not os.path.isdir(under_data) else under_data
 
 
+def bytes_per_token(meta, split='val'):
+    """UTF-8 bytes of the original text per token of a split, as prepared (None for a dataset prepared without it)."""
+    if meta.get(f'{split}_bytes') and meta.get(f'{split}_tokens'):
+        return meta[f'{split}_bytes'] / meta[f'{split}_tokens']
+    return meta.get('bytes_per_token') if split == 'val' else None
+
+
+def bits_per_byte(mean_loss, bytes_per_token):
+    """Bits per byte: the mean loss per token (in nats) over the UTF-8 bytes of the original text the tokens came
+    from. One definition for train.py and eval.py; it compares models across tokenizers, unless one of them is lossy
+    (drops part of the text, as the word tokenizer does: it is not charged for what it drops)."""
+    return mean_loss / math.log(2) / bytes_per_token
+
+
 def sample_windows(data, block_size, batch_size, rng):
     """batch_size windows of block_size + 1 consecutive tokens at random offsets of data, as an int64
     (batch_size, block_size + 1) array: inputs are [:, :-1], their next tokens [:, 1:]. Training and
@@ -202,5 +217,7 @@ def write_text_dataset(out_dir, tokenizer, text, val_fraction=0.1):
     os.makedirs(out_dir, exist_ok=True)
     for split, split_ids in ids.items():
         print(f'{split} has {len(split_ids):,} tokens')
+    size = {'train': len(text[:n].encode('utf-8')), 'val': len(text[n:].encode('utf-8'))}
     # measured on val, the split whose loss the logs convert to bits per byte
-    return write_dataset(out_dir, tokenizer, ids, bytes_per_token=len(text[n:].encode('utf-8')) / max(1, len(ids['val'])))
+    return write_dataset(out_dir, tokenizer, ids, bytes_per_token=size['val'] / max(1, len(ids['val'])),
+                         train_bytes=size['train'], val_bytes=size['val'])

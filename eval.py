@@ -11,9 +11,11 @@ Several models are compared side by side in one table.
 By default every token of the split (or file) is scored once: the tokens are cut into consecutive windows
 of block_size, so a token is predicted from the earlier tokens of its window. train_batches=True instead
 draws eval_iters random batches the way train.py's evaluation does (same seed, batch_size and
-block_size), which reproduces the loss it reported for the checkpoint. Bits per byte divide the loss by
-the UTF-8 bytes the scored tokens decode to, so models with different tokenizers compare fairly (for the
-'word' kind, which drops spaces, the bytes are those of its decoded text).
+block_size), which reproduces the loss it reported for the checkpoint. Bits per byte are defined once
+(dataset.bits_per_byte), as in train.py: the loss over the UTF-8 bytes of the original text the scored tokens
+came from, so models with different tokenizers compare fairly; a lossy tokenizer's figure (word: whitespace
+dropped, <unk>) is marked, as it is not charged for what it drops. Loss and perplexity are over the tokenizer's
+vocabulary (a checkpoint's padding rows get no probability).
 """
 import math
 import os
@@ -24,7 +26,8 @@ import torch
 
 from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
-from dataset import DatasetError, dataset_dir, decode_utf8, load_meta, open_split, sample_windows
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta, open_split,
+                     sample_windows)
 from hf_gpt2 import HFError
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
 from tokenizer import TokenizerError, load_tokenizer, tokenizers_match
@@ -90,7 +93,7 @@ def load(entry):
 
 
 def text_tokens(tokenizer):
-    """The text file's token ids and their UTF-8 bytes."""
+    """The text file's token ids, and the UTF-8 bytes of the text they encode per token."""
     if not os.path.isfile(text):
         fail(f'text file {text} not found')
     with open(text, 'rb') as f:
@@ -98,11 +101,13 @@ def text_tokens(tokenizer):
             content = decode_utf8(f.read(), text, encoding_errors)
         except DatasetError as e:
             fail(e)
+    if drop_unknown:
+        content = tokenizer.drop_unknown(content)
     try:
-        ids = tokenizer.encode(tokenizer.drop_unknown(content) if drop_unknown else content)
+        ids = tokenizer.encode(content)
     except TokenizerError as e:
         fail(f'{text}: {e}')
-    return np.array(ids, dtype=np.int64)
+    return np.array(ids, dtype=np.int64), len(content.encode('utf-8')) / max(1, len(ids))
 
 
 def split_tokens(entry, tokenizer, ckpt):
@@ -168,15 +173,16 @@ def like_train(model, folder, meta, cfg, name):
     return losses.mean().item(), iters * cfg['batch_size'] * cfg['block_size']
 
 
-rows = []
+rows, lossy = [], False
 for entry in entries:
     model, tokenizer, ckpt = load(entry)
     if text:
         source = text
-        ids = text_tokens(tokenizer)
+        ids, bpt = text_tokens(tokenizer)
     else:
         ids, folder, meta = split_tokens(entry, tokenizer, ckpt)
         source = f'{folder} {split}'
+        bpt = bytes_per_token(meta, split)  # the original text's bytes per token, as train.py divides by
     if max_tokens:
         ids = ids[:max_tokens + 1]
     if len(ids) < 2:
@@ -188,19 +194,22 @@ for entry in entries:
             fail(f'{entry} was not trained by train.py: train_batches needs its training config')
         cfg = ckpt['config']
         loss, n = like_train(model, folder, meta, cfg, entry)
-        bpt = meta.get('bytes_per_token')  # the figure train.py divides by
-        bpb = loss / math.log(2) / bpt if bpt else float('nan')
     else:
         block = min(block_size or model.config.block_size, model.config.block_size)
         total, n = full_pass(model, ids, block, entry)
         loss = total / n
-        scored_bytes = len(tokenizer.decode(np.asarray(ids[1:], dtype=np.int64)).encode('utf-8'))
-        bpb = total / math.log(2) / scored_bytes
+    bpb = f'{bits_per_byte(loss, bpt):.4f}' if bpt else 'n/a'
+    if not tokenizer.lossless:
+        bpb += '*'
+        lossy = True
     rows.append((entry, source, n, loss, math.exp(loss), bpb))
     del model
 
 headers = ('model', 'data', 'tokens', 'loss', 'perplexity', 'bits/byte')
-cells = [headers] + [(e, s, f'{n:,}', f'{loss:.4f}', f'{ppl:.3f}', f'{bpb:.4f}') for e, s, n, loss, ppl, bpb in rows]
+cells = [headers] + [(e, s, f'{n:,}', f'{loss:.4f}', f'{ppl:.3f}', bpb) for e, s, n, loss, ppl, bpb in rows]
 widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 for row in cells:
     print('  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+if lossy:
+    print('* a lossy tokenizer (word: whitespace dropped, unknown words as <unk>): its loss leaves out what it drops, '
+          'so its bits per byte do not compare with other tokenizers')

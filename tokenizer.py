@@ -74,6 +74,7 @@ class Tokenizer:
     kind = None
     vocab_size = 0
     eot_id = None  # separates documents; None where the kind has no such token
+    lossless = True  # decode(encode(text)) gives text back, so a loss per token covers all of the text's bytes
 
     def encode(self, text):
         raise NotImplementedError
@@ -193,6 +194,7 @@ class WordTokenizer(Tokenizer):
     kind = 'word'
     UNK = '<unk>'  # cannot collide with a real token: '<' is split off on its own
     unk_id = 0
+    lossless = False  # whitespace is dropped and unknown words become '<unk>'
     PATTERN = re.compile(r'\w+|[^\w\s]|\n')
 
     def __init__(self, vocab):

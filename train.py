@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, read_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from configurator import ConfigError, configure, fail, inherit
-from dataset import DatasetError, dataset_dir, load_meta, open_split, sample_windows
+from dataset import DatasetError, bits_per_byte, bytes_per_token, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import GPT, GPTConfig
 from muon import configure_optimizers
@@ -188,7 +188,8 @@ except DatasetError as e:
 for split, length in split_lengths.items():
     if length <= block_size:
         fail(f'{data_dir}/{split}.bin holds {length} tokens, too few for block_size={block_size}: use a smaller --block_size or more text')
-bytes_per_token = meta.get('bytes_per_token')
+val_bytes_per_token = bytes_per_token(meta, 'val')
+lossy_note = '' if meta.get('lossless', True) else f" ({meta['tokenizer']['kind']} tokenizer, lossy: not comparable)"
 # the sampler's state is saved in checkpoints, so a resumed run draws the same batches it would have
 data_rng = np.random.default_rng(seed + ddp_rank)
 
@@ -404,7 +405,7 @@ while True:
     rank_states = gather_rank_states() if evaluate and iter_num > 0 and not eval_only else None
     if evaluate and master_process:
         losses = estimate_loss()
-        bpb = f", val bits/byte {losses['val'] / math.log(2) / bytes_per_token:.4f}" if bytes_per_token else ''
+        bpb = f", val bits/byte {bits_per_byte(losses['val'], val_bytes_per_token):.4f}{lossy_note}" if val_bytes_per_token else ''
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged('the evaluated loss')

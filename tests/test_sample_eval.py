@@ -179,3 +179,35 @@ def test_eval_full_pass_and_text_file_side_by_side(trained, loaded, char_dataset
     total, count = reference_loss(model, val)
     [(tokens, loss, _, _)] = parse_table(run('eval.py', f'--out_dir={out}', '--device=cpu').stdout).values()
     assert tokens == count == len(val) - 1 and loss == pytest.approx(total / count, abs=1e-4)
+
+
+def test_bits_per_byte_are_over_the_original_text_and_a_lossy_tokenizer_is_marked(tmp_path):
+    """One definition in train.py and eval.py: the loss over the UTF-8 bytes of the original text (eval.py divided by
+    the bytes the tokens decode to, which for the word tokenizer is another text). A lossy tokenizer's figure is
+    marked in both."""
+    from conftest import TINY_TEXT
+    from dataset import write_text_dataset
+    from tokenizer import make_tokenizer
+    data, out = tmp_path / 'words', tmp_path / 'out'
+    text = TINY_TEXT.replace('  ', ' ')
+    tokenizer = make_tokenizer('word', text)
+    write_text_dataset(data, tokenizer, text)
+    train = run('train.py', f'--dataset={data}', f'--out_dir={out}', *TINY_TRAIN, '--max_iters=6', '--eval_interval=6',
+                '--block_size=16')
+    assert '(word tokenizer, lossy: not comparable)' in [l for l in train.stdout.splitlines() if l.startswith('step 6:')][0]
+    proc = run('eval.py', f'--out_dir={out}', '--device=cpu')
+    row = proc.stdout.strip().splitlines()[1]
+    assert proc.stdout.strip().splitlines()[-1].startswith('* a lossy tokenizer')
+    model = load_model(out)[0].eval()
+    val = np.asarray(open_split(data, 'val', load_meta(data)), dtype=np.int64)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(val) - 1, 16):
+            window = torch.tensor(val[s:s + 17])
+            total += F.cross_entropy(model(window[None, :-1])[0][0], window[1:], reduction='sum').item()
+            count += len(window) - 1
+    val_text = text[int(0.9 * len(text)):]
+    original_bytes = len(val_text.encode('utf-8')) * count / len(val)  # the scored tokens' share of the val text
+    assert row.split()[-1] == f'{total / math.log(2) / original_bytes:.4f}*'
+    # the bytes the old figure divided by: the decoded text, with spaces around punctuation and none of the tabs
+    assert len(tokenizer.decode(val).encode('utf-8')) != len(val_text.encode('utf-8'))
