@@ -120,13 +120,19 @@ def _assigned_names(source):
     return names
 
 
-def apply_config(defaults, argv):
-    """Return the settings in defaults overridden by argv, as a Config; raise ConfigError on mistakes."""
+def apply_config(defaults, argv, positional=None, aliases=None):
+    """Return the settings in defaults overridden by argv, as a Config; raise ConfigError on mistakes.
+    positional: the setting that an argument which is no config file sets (sample.py's prompt); aliases maps other
+    names of a setting to it."""
     config = Config(defaults)
     explicit = set()
     known = list(defaults)
+    aliases = aliases or {}
     for arg in argv:
-        if not arg.startswith('--'):
+        if not arg.startswith('--') and positional and not os.path.isfile(arg) and not arg.endswith('.py'):
+            config[positional] = arg
+            explicit.add(positional)
+        elif not arg.startswith('--'):
             if not os.path.isfile(arg):
                 raise ConfigError(f'config file {arg!r} not found (config files are Python files, e.g. config/shakespeare_char.py)')
             scope = dict(config)
@@ -149,6 +155,7 @@ def apply_config(defaults, argv):
             key, sep, raw = arg[2:].partition('=')
             if not sep or not key:
                 raise ConfigError(f'malformed argument {arg!r}: use --key=value')
+            key = aliases.get(key, key)
             if key not in config:
                 raise _unknown_key(key, known)
             config[key] = _check_type(key, _parse_value(raw, defaults[key]), defaults[key])
@@ -170,9 +177,24 @@ def inherit(config, saved, keep=()):
     return taken
 
 
-def configure(namespace, argv=None):
+def choose(config, key, allowed):
+    """The setting key as one of allowed, matched without regard to case ('ReLU' is 'relu'); ConfigError otherwise."""
+    value = config[key]
+    if value in allowed:
+        return value
+    matches = [a for a in allowed if isinstance(value, str) and a.lower() == value.lower()]
+    if len(matches) == 1:
+        config[key] = matches[0]
+        return matches[0]
+    close = difflib.get_close_matches(str(value).lower(), allowed, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ''
+    raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}: {hint}".rstrip(': '))
+
+
+def configure(namespace, argv=None, positional=None, aliases=None):
     """Apply the command line to a script's settings in place (namespace is its globals()) and return
-    them as a dict. --help prints the keys and exits; a mistake prints one line and exits with code 2."""
+    them as a dict. --help prints the keys and exits; a mistake prints one line and exits with code 2.
+    positional and aliases: see apply_config."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: namespace[k] for k in config_keys(namespace)}
     if any(a in ('-h', '--help') for a in argv):
@@ -182,7 +204,7 @@ def configure(namespace, argv=None):
             pass
         sys.exit(0)
     try:
-        config = apply_config(defaults, argv)
+        config = apply_config(defaults, argv, positional, aliases)
     except ConfigError as e:
         fail(e)
     namespace.update(config)

@@ -2,6 +2,7 @@
 Sample from a trained model, or straight from GPT-2's weights:
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:"
+    python sample.py --out_dir=out-shakespeare-char "ROMEO:"          # an argument that is no config file is the prompt
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --num_samples=1 --stop="\\n\\n"
     python sample.py --init_from=gpt2 --start="The meaning of life is" --top_p=0.9 --max_new_tokens=60
     python sample.py --init_from=gpt2 --start="The meaning of life is" --num_beams=4 --num_samples=1
@@ -28,7 +29,7 @@ from tokenizer import TokenizerError, UnknownCharactersError, load_tokenizer
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoint in out_dir), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
 out_dir = 'out'  # the checkpoint folder, with init_from='resume'
-start = '\n'  # the prompt; "FILE:prompt.txt" reads it from a file
+start = '\n'  # the prompt (also --prompt=..., or an argument that is no config file); "FILE:prompt.txt" reads it from a file
 num_samples = 10  # samples to draw, generated together as one batch
 max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
@@ -48,7 +49,7 @@ dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float3
 use_cache = True  # the key/value cache: identical output, much faster
 compile = False  # torch.compile the model (slow to start, rarely worth it for sampling)
 # -----------------------------------------------------------------------------
-configure(globals())
+configure(globals(), positional='start', aliases={'prompt': 'start'})
 
 try:
     check_controls(temperature, top_k or None, top_p, repetition_penalty, num_beams, length_penalty,
@@ -93,14 +94,20 @@ block_size = model.config.block_size
 def encode_prompt(text):
     """The prompt's token ids; bad input ends the program with one line."""
     try:
-        ids = tokenizer.encode(tokenizer.drop_unknown(text) if drop_unknown else text)
+        ids = tokenizer.encode(text)
     except UnknownCharactersError as e:
-        fail(e)
+        if not drop_unknown:
+            fail(e)
+        print(f"note: dropped {len(e.chars)} character(s) the vocabulary lacks: {', '.join(map(repr, e.chars[:10]))}",
+              file=sys.stderr)
+        ids = tokenizer.encode(tokenizer.drop_unknown(text))
     words = tokenizer.unknown_words(text)  # a word tokenizer turns them into '<unk>'
     if words:
         if not drop_unknown:
             fail(f"{len(words)} word(s) not in the vocabulary: {', '.join(map(repr, words[:10]))}; "
                  f"pass --drop_unknown=True to drop them")
+        print(f"note: dropped {len(words)} word(s) the vocabulary lacks: {', '.join(map(repr, words[:10]))}",
+              file=sys.stderr)
         ids = [i for i in ids if i != tokenizer.unk_id]
     too_big = [i for i in ids if i >= model.config.vocab_size]
     if too_big:

@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, read_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
-from configurator import ConfigError, configure, fail, inherit
+from configurator import ConfigError, choose, configure, fail, inherit
 from dataset import DatasetError, bits_per_byte, bytes_per_token, dataset_dir, load_meta, open_split, sample_windows
 from hf_gpt2 import GPT2_NAMES, HFError
-from model import GPT, GPTConfig
+from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
 from runtime import autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import tokenizer_name, tokenizers_match
@@ -122,6 +122,14 @@ def check_settings():
     for key in ('beta1', 'beta2', 'muon_momentum'):
         if not 0 <= config[key] < 1:
             fail(f'{key}={config[key]} must be in [0, 1)')
+    try:  # choices in any case ('ReLU' is 'relu'), and the model's settings, before anything is built or written
+        for key, allowed in (('activation', ACTIVATIONS), ('position', POSITIONS), ('norm', NORMS),
+                             ('optimizer', ('adamw', 'muon')), ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
+            choose(config, key, allowed)
+        GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config})
+    except (ConfigError, ValueError) as e:
+        fail(e)
+    globals().update(config)
 
 
 check_settings()
@@ -129,8 +137,6 @@ if init_from not in ('scratch', 'resume') and init_from not in GPT2_NAMES and no
     fail(f"init_from={init_from!r}: use 'scratch', 'resume', {', '.join(GPT2_NAMES)}, a Hugging Face GPT-2 folder or a checkpoint folder")
 if compile not in (None, True, False):
     fail(f'compile={compile!r}: use True, False or None (on for CUDA only)')
-if optimizer not in ('adamw', 'muon'):
-    fail(f"optimizer={optimizer!r}: use 'adamw' or 'muon'")
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -158,13 +164,6 @@ else:
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f'tokens per iteration will be: {tokens_per_iter:,}')
-    if not eval_only:  # one run at a time writes into out_dir; the lock lasts as long as this process
-        try:
-            out_dir_lock = lock_out_dir(out_dir)
-        except CheckpointError as e:
-            fail(e)
-        except OSError as e:
-            fail(f'cannot write to out_dir {out_dir}: {e.strerror}; pass a folder you can write to')
 torch.manual_seed(seed + ddp_rank)  # each process gets a different seed
 if threads:
     torch.set_num_threads(threads)
@@ -188,6 +187,15 @@ except DatasetError as e:
 for split, length in split_lengths.items():
     if length <= block_size:
         fail(f'{data_dir}/{split}.bin holds {length} tokens, too few for block_size={block_size}: use a smaller --block_size or more text')
+if master_process and not eval_only:
+    # one run at a time writes into out_dir; the lock lasts as long as this process. Taken once the settings and
+    # the data are known to be good: a run that cannot start creates nothing
+    try:
+        out_dir_lock = lock_out_dir(out_dir)
+    except CheckpointError as e:
+        fail(e)
+    except OSError as e:
+        fail(f'cannot write to out_dir {out_dir}: {e.strerror}; pass a folder you can write to')
 val_bytes_per_token = bytes_per_token(meta, 'val')
 lossy_note = '' if meta.get('lossless', True) else f" ({meta['tokenizer']['kind']} tokenizer, lossy: not comparable)"
 # the sampler's state is saved in checkpoints, so a resumed run draws the same batches it would have

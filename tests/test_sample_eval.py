@@ -115,6 +115,16 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
         assert_clean_error(proc, *fragments)
     dropped = sample(out, '--start=ROMEO: жёлтый', '--drop_unknown=True', '--max_new_tokens=5', '--num_samples=1')
     assert dropped.stdout.startswith('ROMEO: ')
+    assert "note: dropped 6 character(s) the vocabulary lacks: 'ж', 'й', 'л'" in dropped.stderr  # said, on stderr
+
+
+def test_the_prompt_as_an_argument_or_as_prompt(trained):
+    """`python sample.py "ROMEO:"` (an argument that is no config file) and --prompt= are --start=."""
+    out, _ = trained
+    greedy = ['--temperature=0', '--num_samples=1', '--max_new_tokens=12']
+    outputs = {sample(out, *args, *greedy).stdout for args in (['--start=ROMEO:'], ['ROMEO:'], ['--prompt=ROMEO:'])}
+    assert len(outputs) == 1 and outputs.pop().startswith('ROMEO:')
+    assert_clean_error(sample(out, 'config/no_such_config.py', *greedy, check=False), 'no_such_config.py', 'not found')
 
 
 def parse_table(stdout):

@@ -89,6 +89,19 @@ def test_bad_inputs_give_one_line(char_dataset, tmp_path):
     assert_clean_error(proc, 'init_from')
 
 
+def test_choices_in_any_case_and_settings_checked_before_anything_is_written(char_dataset, tmp_path):
+    """--activation=ReLU2 is relu2; a model setting that cannot work, or a missing dataset, stops before out_dir
+    is created."""
+    out = tmp_path / 'relu2'
+    train(char_dataset, out, '--max_iters=1', '--eval_interval=1', '--activation=ReLU2', '--optimizer=Muon')
+    assert read_checkpoint(out)['model_args']['activation'] == 'relu2' and read_checkpoint(out)['config']['optimizer'] == 'muon'
+    for args, fragment in ((['--n_head=3'], 'divisible by n_head=3'), (['--norm=rms'], "did you mean 'rmsnorm'")):
+        assert_clean_error(train(char_dataset, tmp_path / 'x', *args, check=False), fragment)
+    assert_clean_error(run('train.py', '--dataset=no_such_corpus', f'--out_dir={tmp_path / "x"}', *TINY_TRAIN, check=False),
+                       'no prepared dataset')
+    assert not (tmp_path / 'x').exists()
+
+
 def test_resume_refuses_a_dataset_with_another_tokenizer(char_dataset, tmp_path):
     out = tmp_path / 'out'
     train(char_dataset, out, '--max_iters=5', '--eval_interval=5')
