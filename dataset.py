@@ -9,6 +9,7 @@ bytes_per_token, ...).
 import json
 import math
 import os
+import unicodedata
 
 import numpy as np
 
@@ -193,6 +194,17 @@ def read_text(input_path, url, cache_path, encoding_errors='strict'):
     if not text:
         raise DatasetError(f'{path} is empty: nothing to train on')
     return text
+
+
+UNICODE_FORMS = ('NFC', 'NFKC', 'NFD', 'NFKD')
+
+
+def normalize_unicode(text, form='NFC'):
+    """text in Unicode normal form `form` ('' leaves it as it is). NFC composes 'e' + U+0301 into 'é', so a
+    character typed either way is the same token; most text already is NFC, and that check is cheap."""
+    if not form or unicodedata.is_normalized(form, text):
+        return text
+    return unicodedata.normalize(form, text)
 
 
 def decode_utf8(raw, path, encoding_errors='strict', start_byte=0, start_line=1):

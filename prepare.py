@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure, fail
-from dataset import DatasetError, DatasetWriter, decode_utf8, token_dtype
+from dataset import UNICODE_FORMS, DatasetError, DatasetWriter, decode_utf8, normalize_unicode, token_dtype
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -52,8 +52,9 @@ hf_text_column = 'text'  # the column holding the documents
 hf_streaming = False  # read the dataset as it downloads, without keeping a copy on disk
 # cleaning, in this order
 clean_wiki = False  # strip wiki40b's markers (_START_ARTICLE_, _NEWLINE_, ...) and wiki markup ([[links]], {{templates}}, '''bold''', <ref>s)
-unescape_html = False  # turn HTML entities (&#234; &amp;) into the characters they stand for
-normalize_whitespace = False  # runs of spaces and tabs become one space, lines are trimmed, at most one blank line in a row (off: it would flatten code)
+unescape_html = True  # turn HTML entities (&#234; &amp;) into the characters they stand for
+normalize = 'NFC'  # Unicode normal form of the text: NFC (a character typed composed or decomposed is one token), NFKC, NFD, NFKD, or '' to keep it as it is
+normalize_whitespace = True  # runs of spaces and tabs become one space, lines are trimmed, at most one blank line in a row (False for code, which it would flatten)
 min_chars = 1  # drop documents shorter than this many characters, after cleaning
 max_chars = 0  # drop documents longer than this many characters (0: no limit)
 dedup = True  # drop exact duplicates of an earlier document (compared after cleaning)
@@ -133,6 +134,7 @@ def clean(text, options):
         text = strip_wiki(text)
     if options['unescape_html'] and '&' in text:
         text = html.unescape(text)
+    text = normalize_unicode(text, options.get('normalize', ''))
     if options['normalize_whitespace']:
         text = normalize_spaces(text)
     return text
@@ -409,6 +411,8 @@ def check_settings():
         fail('num_proc must be >= 0, batch_mb > 0 and tokenizer_train_mb >= 0')
     if tokenizer == 'hf' and not tokenizer_name:
         fail('tokenizer=hf needs --tokenizer_name: a Hugging Face hub name or a local folder')
+    if normalize.upper() not in UNICODE_FORMS + ('',):
+        fail(f"normalize={normalize!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the text as it is")
 
 
 def tokenizer_options():
@@ -440,8 +444,8 @@ def main(argv=None):
     output = out_dir or default_out_dir()
     if os.path.exists(output) and not os.path.isdir(output):
         fail(f'out_dir {output} is a file: give a folder')
-    options = dict(clean_wiki=clean_wiki, unescape_html=unescape_html, normalize_whitespace=normalize_whitespace,
-                   min_chars=min_chars, max_chars=max_chars)
+    options = dict(clean_wiki=clean_wiki, unescape_html=unescape_html, normalize=normalize.upper(),
+                   normalize_whitespace=normalize_whitespace, min_chars=min_chars, max_chars=max_chars)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     workers = num_proc or cores
 

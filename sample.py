@@ -20,7 +20,7 @@ import torch
 
 from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
-from dataset import DatasetError, decode_utf8
+from dataset import UNICODE_FORMS, DatasetError, decode_utf8, normalize_unicode
 from generate import check_controls, generate_text, use_decoding_layout
 from hf_gpt2 import HFError
 from runtime import autocast, resolve_device, resolve_dtype
@@ -40,6 +40,7 @@ num_beams = 1  # > 1 for beam search (deterministic; ignores temperature, top_k 
 length_penalty = 1.0  # beam search ranks beams by log-probability / length ** length_penalty
 stop = ''  # end each sample just before this text, e.g. "\n\n" (escapes \n \t \\ work); several: separate by |
 drop_unknown = False  # drop prompt characters the vocabulary lacks instead of stopping with an error
+normalize = 'NFC'  # Unicode normal form of the prompt, as prepare.py normalises text ('e' + U+0301 is 'é'); '' keeps it as typed
 encoding_errors = 'strict'  # a FILE: prompt that is not UTF-8: 'strict' stops with an error, 'replace' or 'ignore' its bad bytes
 interactive = False  # read prompts from the terminal, one per line, until end of input (Ctrl-D)
 progress = False  # show a progress bar (on stderr)
@@ -51,6 +52,8 @@ compile = False  # torch.compile the model (slow to start, rarely worth it for s
 # -----------------------------------------------------------------------------
 configure(globals(), positional='start', aliases={'prompt': 'start'})
 
+if normalize.upper() not in UNICODE_FORMS + ('',):
+    fail(f"normalize={normalize!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the prompt as typed")
 try:
     check_controls(temperature, top_k or None, top_p, repetition_penalty, num_beams, length_penalty,
                    max_new_tokens, num_samples)
@@ -93,6 +96,7 @@ block_size = model.config.block_size
 
 def encode_prompt(text):
     """The prompt's token ids; bad input ends the program with one line."""
+    text = normalize_unicode(text, normalize.upper())
     try:
         ids = tokenizer.encode(text)
     except UnknownCharactersError as e:

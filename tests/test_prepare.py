@@ -102,6 +102,25 @@ def test_clean_order_and_switches():
     assert prepare.clean(" G&#234;nes  '''x''' ", options) == " G&#234;nes  '''x''' "
 
 
+def test_default_cleaning_is_what_the_readme_says_and_each_step_switches_off(tmp_path):
+    """By default: HTML entities unescaped, Unicode NFC (a decomposed 'é' is the composed one), whitespace
+    normalised; wiki markup only when asked. Each step off gives the text back as it was."""
+    corpus = tmp_path / 'corpus.txt'
+    raw = ''.join(f"{i} G&#234;nes  et\tLucques: cafe\u0301 ''ok''\n\n" for i in range(30))  # 30 documents
+    corpus.write_text(raw, encoding='utf-8')
+    run('prepare.py', f'--input={corpus}', f'--out_dir={tmp_path / "a"}', '--tokenizer=char', '--num_proc=1', '--dedup=False',
+        '--val_fraction=0.3')
+    meta = load_meta(tmp_path / 'a')
+    assert meta['prepare_config']['normalize'] == 'NFC'
+    assert set(meta['tokenizer']['chars']) == set("0123456789 Gênes et Lucques: café ''ok''\n")  # documents joined by blank lines
+    run('prepare.py', f'--input={corpus}', f'--out_dir={tmp_path / "b"}', '--tokenizer=char', '--num_proc=1', '--dedup=False',
+        '--val_fraction=0.3', '--unescape_html=False', "--normalize=", '--normalize_whitespace=False')
+    assert set(load_meta(tmp_path / 'b')['tokenizer']['chars']) == set(raw)
+    assert prepare.clean('cafe\u0301', dict(clean_wiki=False, unescape_html=False, normalize='NFC',
+                                            normalize_whitespace=False)) == 'caf\u00e9'
+    assert_clean_error(run('prepare.py', f'--input={corpus}', '--normalize=NFX', check=False), "normalize='NFX'")
+
+
 def test_encode_flat_matches_encode_batch(monkeypatch):
     texts = ['Ну, князь.', '', 'coração 北京', 'the king speaks <|endoftext|>']
     toks = [make_tokenizer('char', texts), make_tokenizer('word', texts), make_tokenizer('bpe', texts, vocab_size=300)]
@@ -134,7 +153,7 @@ def paragraph_corpus():
 
 
 PARAGRAPH_SETTINGS = ['--tokenizer=bpe', '--vocab_size=300', '--val_fraction=0.3', '--min_chars=5', '--max_chars=400',
-                      '--normalize_whitespace=True']
+                      '--normalize_whitespace=True', '--unescape_html=False']  # a default step, switched off
 
 
 @pytest.fixture(scope='module')

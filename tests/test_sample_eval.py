@@ -221,3 +221,17 @@ def test_bits_per_byte_are_over_the_original_text_and_a_lossy_tokenizer_is_marke
     assert row.split()[-1] == f'{total / math.log(2) / original_bytes:.4f}*'
     # the bytes the old figure divided by: the decoded text, with spaces around punctuation and none of the tabs
     assert len(tokenizer.decode(val).encode('utf-8')) != len(val_text.encode('utf-8'))
+
+
+def test_a_prompt_typed_decomposed_is_the_composed_text_the_model_knows(tmp_path):
+    """'cafe' + U+0301 (as some keyboards and macOS file names give it) is 'café' after NFC, which prepare.py writes:
+    the char model knows it (before, U+0301 was named as an unknown character)."""
+    from dataset import write_text_dataset
+    from tokenizer import make_tokenizer
+    text = ''.join(f'{i}: un café, deux cafés.\n' for i in range(200))
+    data, out = tmp_path / 'cafe', tmp_path / 'out'
+    write_text_dataset(data, make_tokenizer('char', text), text)
+    run('train.py', f'--dataset={data}', f'--out_dir={out}', *TINY_TRAIN, '--max_iters=2', '--eval_interval=2')
+    proc = sample(out, 'un cafe\u0301', '--max_new_tokens=3', '--num_samples=1')
+    assert proc.stdout.startswith('un caf\u00e9')
+    assert_clean_error(sample(out, 'un cafe\u0301', '--normalize=', '--num_samples=1', check=False), "'\u0301'")
