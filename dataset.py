@@ -14,6 +14,7 @@ import unicodedata
 import numpy as np
 
 from atomic_write import atomic_write_bytes, fsync_dir
+from tokenizer import TOKENIZER_FILE
 
 META_NAME = 'meta.json'
 
@@ -72,9 +73,11 @@ class DatasetWriter:
         meta = dict(tokenizer=self.tokenizer.describe(), vocab_size=self.tokenizer.vocab_size, dtype=self.dtype.name,
                     lossless=self.tokenizer.lossless, **stats)
         files = {}
-        if 'tokenizer_json' in meta['tokenizer']:
-            # a trained BPE also as tokenizer.json, for other tools; our scripts read the copy in meta.json
-            files['tokenizer.json'] = meta['tokenizer']['tokenizer_json'].encode('utf-8')
+        if self.tokenizer.own_file() is not None:
+            # tokenizer.json: a Hugging Face tokenizer's own copy, which load_tokenizer(meta['tokenizer'], folder) reads
+            # first, so the dataset needs neither the hub nor the tokenizer's folder (a trained BPE's is for other
+            # tools: meta.json holds it too)
+            files[TOKENIZER_FILE] = self.tokenizer.own_file()
         files[META_NAME] = json.dumps(meta, indent=2, ensure_ascii=False).encode('utf-8')
         for name, data in files.items():
             with open(self._temporary(name), 'wb') as f:

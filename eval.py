@@ -87,7 +87,7 @@ def load(entry):
     if description is None:
         fail(f'{entry} has no tokenizer (no tokenizer files beside its weights): cannot read text for it')
     try:
-        return model.eval(), load_tokenizer(description), ckpt
+        return model.eval(), load_tokenizer(description, entry), ckpt
     except TokenizerError as e:
         fail(e)
 

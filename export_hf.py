@@ -29,7 +29,7 @@ if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
     fail(f'{hf_dir} already exists and is not an empty folder: choose another --hf_dir or remove it')
 try:
     model, tokenizer, _ = load_model(out_dir)
-    notes = export_gpt2(model.eval(), tokenizer, hf_dir)
+    notes = export_gpt2(model.eval(), tokenizer, hf_dir, out_dir)
 except (CheckpointError, HFError) as e:
     fail(e)
 except OSError as e:

@@ -31,7 +31,7 @@ ACTIVATION_FROM_HF = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
 ACTIVATION_TO_HF = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'relu2': 'relu2', 'silu': 'silu'}
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 # our tokenizer's description, written beside the weights, so a folder we exported loads back exactly
-TOKENIZER_FILE = 'nanogpt_tokenizer.json'
+DESCRIPTION_FILE = 'nanogpt_tokenizer.json'
 EPS = 1e-5  # model.Norm's epsilon
 
 
@@ -115,7 +115,7 @@ def tokenizer_of(name):
     if name in GPT2_NAMES:
         return {'kind': 'tiktoken', 'name': 'gpt2'}
     folder = os.path.abspath(name)
-    saved = os.path.join(folder, TOKENIZER_FILE)
+    saved = os.path.join(folder, DESCRIPTION_FILE)
     if os.path.exists(saved):
         with open(saved, encoding='utf-8') as f:
             description = json.load(f)
@@ -201,15 +201,16 @@ def state_to_hf(model, vocab_size):
     return {k: v.contiguous() for k, v in hf_state.items()}
 
 
-def export_gpt2(model, tokenizer_description, folder):
+def export_gpt2(model, tokenizer_description, folder, tokenizer_folder=None):
     """Write model (a GPT of GPT-2 architecture) as a Hugging Face folder: config.json, model.safetensors,
-    the tokenizer's files where its kind has them, and our tokenizer description (TOKENIZER_FILE).
+    the tokenizer's files where its kind has them, and our tokenizer description (DESCRIPTION_FILE).
+    tokenizer_folder: where the description was found (the checkpoint folder), for a tokenizer's own file.
     Returns notes for the user (e.g. that a tokenizer could not be exported). Raises HFError."""
     from transformers import GPT2LMHeadModel
     tokenizer = None
     if tokenizer_description is not None:
         try:
-            tokenizer = load_tokenizer(tokenizer_description)
+            tokenizer = load_tokenizer(tokenizer_description, tokenizer_folder)
         except TokenizerError as e:
             raise HFError(f'cannot load the checkpoint\'s tokenizer to export it: {e}') from None
     vocab_size = model.config.vocab_size
@@ -231,13 +232,13 @@ def export_gpt2(model, tokenizer_description, folder):
     hf_tokenizer = _hf_tokenizer(tokenizer, tokenizer_description)
     if hf_tokenizer is None:
         notes.append(f"a '{tokenizer.kind}' tokenizer has no Hugging Face equivalent: transformers gets the weights "
-                     f"and config only (this repository's scripts read {TOKENIZER_FILE})")
+                     f"and config only (this repository's scripts read {DESCRIPTION_FILE})")
     else:
         hf_tokenizer.save_pretrained(folder)
     saved = dict(tokenizer_description)
     if saved.get('kind') == 'hf':
         saved['name'] = '.'  # its files are in this folder now
-    with open(os.path.join(folder, TOKENIZER_FILE), 'w', encoding='utf-8') as f:
+    with open(os.path.join(folder, DESCRIPTION_FILE), 'w', encoding='utf-8') as f:
         json.dump(saved, f, ensure_ascii=False)
     return notes
 
@@ -245,13 +246,12 @@ def export_gpt2(model, tokenizer_description, folder):
 def _hf_tokenizer(tokenizer, description):
     """A transformers tokenizer that encodes and decodes like ours, or None where none can."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     # like ours: decode gives the text back as is; '<|endoftext|>' typed in a prompt is text, not the token
     options = dict(clean_up_tokenization_spaces=False, split_special_tokens=True)
     kind = description['kind']
     if kind == 'hf':
-        return AutoTokenizer.from_pretrained(description['name'], **({'gguf_file': description['gguf_file']}
-                                                                      if description.get('gguf_file') else {}))
+        return tokenizer.transformers_tokenizer()
     if kind == 'char':
         # one token per character: split text into single characters, look each up, join them back
         backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(description['chars'])}, unk_token=None))

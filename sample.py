@@ -74,14 +74,15 @@ try:
     dtype = resolve_dtype(dtype, device)
 except ValueError as e:
     fail(e)
+source = out_dir if init_from == 'resume' else init_from
 try:
-    model, tokenizer_description, _ = load_model(out_dir if init_from == 'resume' else init_from, device)
+    model, tokenizer_description, _ = load_model(source, device)
 except (CheckpointError, HFError) as e:
     fail(e)
 if tokenizer_description is None:
     fail(f'{init_from} has no tokenizer (no tokenizer files beside its weights): sample from a folder that has one')
 try:
-    tokenizer = load_tokenizer(tokenizer_description)
+    tokenizer = load_tokenizer(tokenizer_description, source)
 except TokenizerError as e:
     fail(e)
 model.eval()

@@ -9,7 +9,9 @@ Kinds:
 - word:     words and punctuation marks, with '<unk>' for the rest (see WordTokenizer for the rules)
 - bpe:      byte-level BPE trained on the corpus with Hugging Face `tokenizers`; round-trips any text
 - tiktoken: a fixed OpenAI encoding ('gpt2', 'cl100k_base', ...)
-- hf:       any Hugging Face tokenizer, by hub name or local folder
+- hf:       any Hugging Face tokenizer, by hub name, local folder or .gguf file; its tokenizer.json is
+            saved beside meta.json and in checkpoint folders (load_tokenizer(description, folder) reads that
+            copy first), so a dataset or checkpoint needs neither the hub nor the original folder
 
 Special-token strings inside user text ('<|endoftext|>', '</s>') are encoded as plain text by every kind:
 a document cannot forge an end-of-text. Scripts put eot_id between documents themselves.
@@ -24,6 +26,7 @@ from collections import Counter
 import numpy as np
 
 KINDS = ('char', 'word', 'bpe', 'tiktoken', 'hf')
+TOKENIZER_FILE = 'tokenizer.json'  # a tokenizer's own file, beside meta.json and in checkpoint folders
 
 
 class TokenizerError(Exception):
@@ -117,6 +120,10 @@ class Tokenizer:
     def drop_unknown(self, text):
         """text minus the characters encode() would reject: nothing, for all kinds but char."""
         return text
+
+    def own_file(self):
+        """The tokenizer as a self-contained tokenizer.json (bytes) to store beside the data, or None."""
+        return None
 
     unk_id = None  # the id of text the vocabulary lacks (word's '<unk>'); None where nothing is unknown
 
@@ -271,6 +278,9 @@ class BPETokenizer(Tokenizer):
     def _decode(self, ids):
         return self._tok.decode(ids.tolist(), skip_special_tokens=False)
 
+    def own_file(self):  # for other tools: our scripts read the copy inside the description
+        return self._tok.to_str().encode('utf-8')
+
     def describe(self):
         return {'kind': 'bpe', 'tokenizer_json': self._tok.to_str()}
 
@@ -327,19 +337,27 @@ class HFTokenizer(Tokenizer):
     """
     kind = 'hf'
 
-    def __init__(self, name, gguf_file=None):
+    def __init__(self, name, gguf_file=None, tokenizer_file=None, eos_token=None):
+        """tokenizer_file: a tokenizer.json saved from this tokenizer (see own_file), read instead of the hub or the
+        original folder when it exists; name then only says where the tokenizer came from."""
         name = os.path.expanduser(name)
+        if not gguf_file and name.endswith('.gguf') and os.path.isfile(name):  # a .gguf file named directly
+            name, gguf_file = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
         try:
-            from transformers import AutoTokenizer
-            if _looks_like_path(name) and not os.path.isdir(name):
-                raise OSError('no such folder')
-            self._tok = AutoTokenizer.from_pretrained(name, **({'gguf_file': gguf_file} if gguf_file else {}))
+            from transformers import AutoTokenizer, PreTrainedTokenizerFast
+            if tokenizer_file and os.path.isfile(tokenizer_file):
+                self._tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, eos_token=eos_token)
+            else:
+                if _looks_like_path(name) and not os.path.isdir(name):
+                    raise OSError('no such folder' + (f', and no {tokenizer_file}' if tokenizer_file else ''))
+                self._tok = AutoTokenizer.from_pretrained(name, **({'gguf_file': gguf_file} if gguf_file else {}))
         except Exception as e:  # transformers raises OSError, ValueError, ImportError, ... : all mean the same here
             raise TokenizerError(f"cannot load Hugging Face tokenizer '{name}': {_first_line(e)}; check the name, "
                                  f"or download it first / pass a local folder") from None
         # an absolute path keeps the description valid when a later script runs from another directory
-        self.name = os.path.abspath(name) if os.path.isdir(name) else name
+        self.name = os.path.abspath(name) if os.path.isdir(name) and not tokenizer_file else name
         self.gguf_file = gguf_file
+        self._file = None  # own_file's bytes, once made
         self.vocab_size = len(self._tok)  # added tokens included, unlike tokenizer.vocab_size
         self.eot_id = self._tok.eos_token_id
         # split_special_tokens: '</s>' in user text is text, as with the other kinds;
@@ -355,10 +373,36 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids):
         return self._tok.decode(ids.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def transformers_tokenizer(self):
+        """The transformers tokenizer itself (to export it)."""
+        return self._tok
+
+    PROBE = "Hello, world! It's 2024: naïve café, Привет мир, 你好世界 \n\n\t  spaces 🙂 </s> <eos> <|endoftext|>"
+
+    def own_file(self):
+        """The backend's tokenizer.json, if a tokenizer read back from it alone encodes and decodes as this one does
+        (a slow-only tokenizer has none; then the name, or gguf file, stays the only way to load it)."""
+        if self._file is None:
+            self._file = b''
+            backend = getattr(self._tok, 'backend_tokenizer', None)
+            if backend is not None:
+                from transformers import PreTrainedTokenizerFast
+                copy = PreTrainedTokenizerFast(tokenizer_object=type(backend).from_str(backend.to_str()),
+                                               eos_token=self._tok.eos_token)
+                ids = self.encode(self.PROBE)
+                if (copy.encode(self.PROBE, **self._options) == ids and len(copy) == len(self._tok)
+                        and copy.eos_token_id == self.eot_id
+                        and copy.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                        == self._decode(np.asarray(ids))):
+                    self._file = backend.to_str().encode('utf-8')
+        return self._file or None
+
     def describe(self):
         d = {'kind': 'hf', 'name': self.name}
         if self.gguf_file:
             d['gguf_file'] = self.gguf_file
+        if self.own_file() is not None:
+            d.update(tokenizer_file=TOKENIZER_FILE, eos_token=self._tok.eos_token)
         return d
 
 
@@ -393,8 +437,9 @@ def make_tokenizer(kind, texts=None, **options):
     return build(**options)
 
 
-def load_tokenizer(description):
-    """Rebuild a tokenizer from its describe() dict (as stored in meta.json and checkpoints)."""
+def load_tokenizer(description, folder=None):
+    """Rebuild a tokenizer from its describe() dict (as stored in meta.json and checkpoints); folder is where the
+    description was found, whose tokenizer.json (if the description names one) is read first."""
     kind = description.get('kind') if isinstance(description, dict) else None
     _check_kind(kind)
     try:
@@ -407,7 +452,10 @@ def load_tokenizer(description):
             return BPETokenizer(Backend.from_str(description['tokenizer_json']))
         if kind == 'tiktoken':
             return TiktokenTokenizer(description['name'])
-        return HFTokenizer(description['name'], description.get('gguf_file'))
+        own = description.get('tokenizer_file')
+        return HFTokenizer(description['name'], description.get('gguf_file'),
+                           os.path.join(folder, os.path.basename(own)) if own and folder else None,
+                           description.get('eos_token'))
     except KeyError as e:
         raise TokenizerError(f"the '{kind}' tokenizer description lacks {e}: it is damaged, "
                              f"prepare the dataset again") from None

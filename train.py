@@ -24,6 +24,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from atomic_write import atomic_write_bytes
 from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, read_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
@@ -32,7 +33,7 @@ from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
 from runtime import autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
-from tokenizer import tokenizer_name, tokenizers_match
+from tokenizer import TOKENIZER_FILE, tokenizer_name, tokenizers_match
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText
@@ -196,6 +197,13 @@ if master_process and not eval_only:
         fail(e)
     except OSError as e:
         fail(f'cannot write to out_dir {out_dir}: {e.strerror}; pass a folder you can write to')
+    if meta['tokenizer'].get('tokenizer_file'):  # the tokenizer's own file travels with the checkpoints too
+        try:
+            with open(os.path.join(data_dir, TOKENIZER_FILE), 'rb') as f:
+                tokenizer_file = f.read()
+            atomic_write_bytes(os.path.join(out_dir, TOKENIZER_FILE), lambda f: f.write(tokenizer_file))
+        except OSError as e:
+            fail(f'cannot copy {TOKENIZER_FILE} from {data_dir} to {out_dir}: {e.strerror}; prepare the dataset again')
 val_bytes_per_token = bytes_per_token(meta, 'val')
 lossy_note = '' if meta.get('lossless', True) else f" ({meta['tokenizer']['kind']} tokenizer, lossy: not comparable)"
 # the sampler's state is saved in checkpoints, so a resumed run draws the same batches it would have

@@ -4,6 +4,7 @@ corpora are written here; Hugging Face datasets and tokenizers are built here an
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -273,13 +274,50 @@ def test_hf_dataset_with_the_ru_wiki_gemma_config(tmp_path, hf_tokenizer_folder)
         f'--tokenizer_name={hf_tokenizer_folder}', '--min_chars=90', '--val_fraction=0.3', f'--out_dir={tmp_path / "ru"}')
     meta, bins = load(tmp_path / 'ru')
     tok = load_tokenizer(meta['tokenizer'])
-    assert meta['tokenizer'] == {'kind': 'hf', 'name': str(hf_tokenizer_folder)} and tok.eot_id == 0
+    assert meta['tokenizer'] == {'kind': 'hf', 'name': str(hf_tokenizer_folder), 'tokenizer_file': 'tokenizer.json',
+                                 'eos_token': '<eos>'} and tok.eot_id == 0
     expected = [f'Статья {i}\n\n{s}\n{t}' for i, (s, t) in enumerate(zip(sentences(30, seed=2), sentences(30, seed=3)))]
     expected = [d for d in expected if len(d) >= 90]  # the stub goes too
     assert 15 < len(expected) < 25
     for split in ('train', 'val'):
         assert documents_of(bins[split], tok) == [d for d in expected if split_of(d, 0.3) == split]
     assert meta['prepare_config']['clean_wiki'] is True
+
+
+def test_a_hugging_face_tokenizer_travels_with_the_dataset_and_the_checkpoint(tmp_path, hf_tokenizer_folder):
+    """Prepared with a tokenizer from a folder that is then deleted (another machine, a hub that is not there):
+    its tokenizer.json, beside meta.json and copied into the checkpoint folder, is what train, sample and eval read."""
+    from conftest import TINY_TEXT, TINY_TRAIN
+    folder, corpus, data, out = tmp_path / 'tok', tmp_path / 'corpus.txt', tmp_path / 'data', tmp_path / 'out'
+    shutil.copytree(hf_tokenizer_folder, folder)
+    corpus.write_text(TINY_TEXT, encoding='utf-8')
+    run('prepare.py', f'--input={corpus}', '--tokenizer=hf', f'--tokenizer_name={folder}', f'--out_dir={data}',
+        '--val_fraction=0.2', '--num_proc=1')
+    reference = load_tokenizer(load_meta(data)['tokenizer'])
+    shutil.rmtree(folder)
+    tok = load_tokenizer(load_meta(data)['tokenizer'], data)
+    assert tok.encode(TINY_TEXT[:500]) == reference.encode(TINY_TEXT[:500]) and tok.eot_id == reference.eot_id
+    with pytest.raises(TokenizerError):
+        load_tokenizer(load_meta(data)['tokenizer'])  # without the dataset's folder, the name alone is gone
+    run_script('train.py', f'--dataset={data}', f'--out_dir={out}', *TINY_TRAIN, '--max_iters=2', '--eval_interval=2')
+    assert (out / 'tokenizer.json').read_bytes() == (data / 'tokenizer.json').read_bytes()
+    shutil.move(str(data), str(tmp_path / 'moved'))  # the checkpoint needs its own copy only
+    sample = run_script('sample.py', f'--out_dir={out}', '--start=ROMEO:', '--num_samples=1', '--max_new_tokens=5')
+    assert sample.stdout.startswith('ROMEO:')
+    table = run_script('eval.py', f'--out_dir={out}', f'--text={corpus}', '--max_tokens=200').stdout
+    assert len(table.strip().splitlines()) == 2
+
+
+def test_a_gguf_file_named_as_the_tokenizer_is_read_from_its_folder(tmp_path, monkeypatch):
+    """--tokenizer_name=path/to/model.gguf works (it used to say 'no such folder'): the folder and gguf_file."""
+    import transformers
+    calls = []
+    monkeypatch.setattr(transformers.AutoTokenizer, 'from_pretrained',
+                        lambda name, **kw: calls.append((name, kw)) or (_ for _ in ()).throw(OSError('stop here')))
+    (tmp_path / 'gemma.gguf').write_bytes(b'GGUF')
+    with pytest.raises(TokenizerError):
+        make_tokenizer('hf', name=str(tmp_path / 'gemma.gguf'))
+    assert calls == [(str(tmp_path), {'gguf_file': 'gemma.gguf'})]
 
 
 def test_streamed_hf_dataset_is_read_the_same_way():

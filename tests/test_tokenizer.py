@@ -268,7 +268,8 @@ def test_hf_wraps_saved_tokenizer(hf_tok, hf_folder):
     plain = reference.backend_tokenizer.encode(MULTILINGUAL, add_special_tokens=False).ids
     assert reference.encode(MULTILINGUAL) == plain + [hf_tok.eot_id]
     assert hf_tok.encode(MULTILINGUAL) == plain
-    assert hf_tok.describe() == {'kind': 'hf', 'name': str(Path(hf_folder).resolve())}
+    assert hf_tok.describe() == {'kind': 'hf', 'name': str(Path(hf_folder).resolve()), 'tokenizer_file': 'tokenizer.json',
+                                 'eos_token': '</s>'}  # its own tokenizer.json travels with the data
 
 
 def test_hf_large_vocab_needs_uint32(tmp_path, hub_offline):
