@@ -58,10 +58,11 @@ normalize_whitespace = True  # runs of spaces and tabs become one space, lines a
 min_chars = 1  # drop documents shorter than this many characters, after cleaning
 max_chars = 0  # drop documents longer than this many characters (0: no limit)
 dedup = True  # drop exact duplicates of an earlier document (compared after cleaning)
-val_fraction = 0.01  # share of the documents that go to val, picked by a hash of each document's text
+val_fraction = 0.0  # share of the documents that go to val, picked by a hash of each document's text; 0 = auto: 1% of a large corpus, up to 10% of a small one, so that val holds about 100 KB of text
 # tokenizer
 tokenizer = 'bpe'  # char, word, bpe (these three are trained here), tiktoken or hf
-vocab_size = 8192  # bpe and word: the vocabulary size to train
+vocab_size = 0  # bpe and word: the most tokens to keep; 0 = the kind's default (bpe 8192; word 65536, the most uint16 ids hold)
+min_count = 1  # word: keep only words seen at least this many times in the training text (the rest become <unk>)
 tokenizer_name = ''  # tiktoken: the encoding ('' = gpt2); hf: a hub name or a local folder
 gguf_file = ''  # hf: read the tokenizer from this .gguf file in tokenizer_name
 tokenizer_train_mb = 0.0  # bpe and word: train on at most this many MB of train documents (0: all)
@@ -403,8 +404,10 @@ def check_settings():
         fail(f"document={document!r}: use 'file', 'paragraph' or 'line'")
     if encoding_errors not in ('strict', 'replace', 'ignore'):
         fail(f"encoding_errors={encoding_errors!r}: use 'strict', 'replace' or 'ignore'")
-    if not 0 < val_fraction < 1:
-        fail(f'val_fraction={val_fraction} must be between 0 and 1')
+    if not 0 <= val_fraction < 1:
+        fail(f'val_fraction={val_fraction} must be between 0 and 1 (0: chosen from the corpus size)')
+    if vocab_size < 0 or min_count < 1:
+        fail(f'vocab_size={vocab_size} must not be negative (0: the default) and min_count={min_count} at least 1')
     if min_chars < 1 or max_chars < 0 or (max_chars and max_chars < min_chars):
         fail(f'min_chars={min_chars}, max_chars={max_chars}: need 1 <= min_chars <= max_chars (max_chars=0: no limit)')
     if num_proc < 0 or batch_mb <= 0 or tokenizer_train_mb < 0:
@@ -415,8 +418,19 @@ def check_settings():
         fail(f"normalize={normalize!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the text as it is")
 
 
+AUTO_VAL_BYTES = 100e3  # the val text an automatic val_fraction aims at: enough for a steady val loss
+
+
+def auto_val_fraction(total_bytes):
+    """val_fraction=0: 1% of a large corpus, more of a small one (up to 10%) so val holds ~100 KB of text; 1% where
+    the corpus's size is unknown before reading it (a Hugging Face dataset)."""
+    if not total_bytes:
+        return 0.01
+    return round(min(0.1, max(0.01, AUTO_VAL_BYTES / total_bytes)), 4)
+
+
 def tokenizer_options():
-    return {'word': dict(vocab_size=vocab_size), 'bpe': dict(vocab_size=vocab_size),
+    return {'word': dict(vocab_size=vocab_size or 65536, min_count=min_count), 'bpe': dict(vocab_size=vocab_size or 8192),
             'tiktoken': dict(name=tokenizer_name or 'gpt2'),
             'hf': dict(name=tokenizer_name, gguf_file=gguf_file or None)}.get(tokenizer, {})
 
@@ -486,14 +500,16 @@ def main(argv=None):
     def progress_bar(description):
         return tqdm(total=total, unit=bar_unit, unit_scale=True, desc=description, dynamic_ncols=True)
 
-    print(f'preparing {source} -> {output} (up to {workers} worker process{"es" * (workers > 1)})')
+    split_fraction = val_fraction or auto_val_fraction(total if bar_unit == 'B' else None)
+    print(f'preparing {source} -> {output} (up to {workers} worker process{"es" * (workers > 1)})'
+          + ('' if val_fraction else f'; val_fraction {split_fraction} (auto)'))
     created = not os.path.isdir(output)
     os.makedirs(output, exist_ok=True)
     done = False
     try:
         # 1. train the tokenizer on the train documents (char: on all, so val has no unknown characters)
         if tok is None:
-            route = Router(val_fraction, dedup, min_chars, max_chars)
+            route = Router(split_fraction, dedup, min_chars, max_chars)
             limit = tokenizer_train_mb * 1e6 if tokenizer != 'char' else 0
             trained_on = [0]  # bytes
 
@@ -518,8 +534,9 @@ def main(argv=None):
                   f'in {time.time() - t1:.1f}s')
 
         # 2. clean, tokenise, route, write
-        route = Router(val_fraction, dedup, min_chars, max_chars)
+        route = Router(split_fraction, dedup, min_chars, max_chars)
         size = {'train': 0, 'val': 0}  # UTF-8 bytes
+        unknown = {'train': 0, 'val': 0}  # tokens that are the word tokenizer's <unk>
         with DatasetWriter(output, tok) as out:
             with progress_bar('tokenizing') as progress:
                 for result in parallel_map(batches(progress), workers, options, tok):
@@ -528,13 +545,17 @@ def main(argv=None):
                             ids = result['ids'] if docs.all() else result['ids'][np.repeat(docs, result['counts'])]
                             out.write(split, ids)
                             size[split] += int(result['bytes'][docs].sum())
+                            if tok.unk_id is not None:
+                                unknown[split] += int(np.count_nonzero(ids == tok.unk_id))
             route.check(source)
             tokens = out.tokens
             meta = out.commit(train_tokens=tokens['train'], val_tokens=tokens['val'],
                               # val's: train.py turns val loss into bits per byte with it
                               bytes_per_token=size['val'] / tokens['val'],
                               train_documents=route.documents['train'], val_documents=route.documents['val'],
-                              train_bytes=size['train'], val_bytes=size['val'], source=source, prepare_config=config)
+                              train_bytes=size['train'], val_bytes=size['val'], source=source, prepare_config=config,
+                              **({'unknown_rate': {split: unknown[split] / max(1, tokens[split]) for split in unknown}}
+                                 if tok.unk_id is not None else {}))
         done = True
     except (DatasetError, TokenizerError) as e:
         fail(e)
@@ -551,6 +572,12 @@ def main(argv=None):
           f"train, {kept['val']:,} val); dropped {route.dropped()}")
     print(f"tokens: {tokens['train']:,} train, {tokens['val']:,} val ({meta['dtype']}); vocabulary "
           f"{tok.vocab_size:,}; {meta['bytes_per_token']:.2f} bytes per token")
+    if 'unknown_rate' in meta:
+        rate = meta['unknown_rate']
+        hint = ('a larger --vocab_size keeps more words' if tok.vocab_size >= tokenizer_options()['vocab_size']
+                else 'a smaller --min_count keeps more words' if min_count > 1
+                else 'val has words the train text lacks; bpe and char tokenizers have no unknown tokens')
+        print(f"<unk>: {rate['train']:.1%} of train tokens, {rate['val']:.1%} of val tokens ({hint})")
     memory = peak_memory_mib()
     memory = f'; peak memory {memory[0]:,.0f} MiB (largest worker {memory[1]:,.0f} MiB)' if memory else ''
     elapsed = time.time() - t0

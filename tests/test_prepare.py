@@ -320,6 +320,34 @@ def test_a_gguf_file_named_as_the_tokenizer_is_read_from_its_folder(tmp_path, mo
     assert calls == [(str(tmp_path), {'gguf_file': 'gemma.gguf'})]
 
 
+def test_word_vocabulary_settings_unknown_rate_and_an_automatic_val_split(tmp_path):
+    """--min_count and --vocab_size shape the word vocabulary as documented (checked against a count made here), the
+    share of <unk> is reported and recorded, and val_fraction=0 (the default) gives a small corpus a usable val split
+    (10% for one of a few KB, where 1% would be a handful of paragraphs)."""
+    from collections import Counter
+    import re as regex
+    docs = [f'{i}: ' + ' '.join(sentences(3, seed=i)) for i in range(300)]
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('\n\n'.join(docs) + '\n', encoding='utf-8')
+    proc = run('prepare.py', f'--input={corpus}', '--tokenizer=word', '--min_count=3', f'--out_dir={tmp_path / "w"}',
+               '--num_proc=1')
+    meta, bins = load(tmp_path / 'w')
+    assert 'val_fraction 0.1 (auto)' in proc.stdout and meta['prepare_config']['val_fraction'] == 0.0
+    val_docs = [d for d in docs if split_of(d, 0.1) == 'val']
+    assert meta['val_documents'] == len(val_docs) > 15
+    counts = Counter(w for d in docs if split_of(d, 0.1) == 'train' for w in regex.findall(r'\w+|[^\w\s]', d))
+    counts['\n'] = 2  # the document separator, seen once in training ('\n\n')
+    tok = load_tokenizer(meta['tokenizer'])
+    assert set(tok.vocab[1:]) == {w for w, n in counts.items() if n >= 3}
+    for split in ('train', 'val'):
+        rate = float(np.count_nonzero(bins[split] == 0)) / len(bins[split])
+        assert meta['unknown_rate'][split] == pytest.approx(rate) and rate > 0
+    assert f"<unk>: {meta['unknown_rate']['train']:.1%} of train tokens" in proc.stdout
+    capped = run('prepare.py', f'--input={corpus}', '--tokenizer=word', '--vocab_size=50', f'--out_dir={tmp_path / "c"}',
+                 '--num_proc=1')
+    assert load_meta(tmp_path / 'c')['vocab_size'] == 50 and 'a larger --vocab_size keeps more words' in capped.stdout
+
+
 def test_streamed_hf_dataset_is_read_the_same_way():
     """--hf_streaming gives an IterableDataset: documents, blanks skipped, and the column check, as for a Dataset."""
     from datasets import Dataset
