@@ -29,11 +29,13 @@ from checkpoint import (CheckpointError, load_model, load_training_state, lock_o
                         save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
 from dataset import DatasetError, bits_per_byte, bytes_per_token, dataset_dir, load_meta, open_split, sample_windows
+from generate import generate_text
+from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
 from runtime import autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
-from tokenizer import TOKENIZER_FILE, tokenizer_name, tokenizers_match
+from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText
@@ -44,6 +46,10 @@ log_interval = 1  # print a log line every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # save after every evaluation, not only when val loss improves
+save_interval = 0  # also save every this many iterations, between evaluations (0: at evaluations only)
+sample_interval = 0  # print a short sample at the evaluations of every this many iterations (0: never)
+sample_start = '\n'  # the prompt of those samples
+plot = True  # redraw out_dir/loss.png (from out_dir/metrics.jsonl) at evaluations, at most every 30 s, and at the end
 init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder or a checkpoint folder
 target_val_loss = 0.0  # stop once an evaluation's val loss is <= this (a speedrun's finish line); 0 runs all max_iters
 # wandb logging
@@ -117,7 +123,7 @@ def check_settings():
         if config[key] < 1:
             fail(f'{key}={config[key]} must be at least 1')
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay',
-                'grad_clip', 'target_val_loss', 'threads'):
+                'grad_clip', 'target_val_loss', 'threads', 'save_interval', 'sample_interval'):
         if config[key] < 0:
             fail(f'{key}={config[key]} must not be negative')
     for key in ('beta1', 'beta2', 'muon_momentum'):
@@ -378,6 +384,11 @@ if master_process:
     peak_text = f', device peak {device_peak / 1e12:.0f} TFLOP/s' if device_peak else ''
     print(f'{raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.flops_per_token():,} training FLOPs per token{peak_text}')
 start_iter = iter_num
+sample_tokenizer = None
+# out_dir/metrics.jsonl: the curve of this run (a resumed run continues it from the checkpoint's iteration)
+metrics = MetricsLog(out_dir, iter_num if init_from == 'resume' else None) if master_process and not eval_only else None
+run_start = time.time()
+last_plot = run_start  # drawing takes ~0.3 s: not more often than every 30 s (a short run gets its plot at the end)
 batch_rng_state = data_rng.bit_generator.state  # the sampler's state before the batch in X, Y: saved for resume
 X, Y = get_batch('train', data_rng)  # fetch the very first batch
 t0 = time.time()
@@ -390,7 +401,7 @@ signal.signal(signal.SIGTERM, request_stop)
 def save(rank_states):
     """Write a checkpoint of this iteration (the master; rank_states from gather_rank_states)."""
     global last_saved_iter
-    print(f'saving checkpoint to {out_dir}')
+    print(f'saving checkpoint to {out_dir} (iteration {iter_num})')
     try:
         save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config,
                         meta['tokenizer'], dict(scaler=scaler.state_dict()), rank_states)
@@ -399,6 +410,34 @@ def save(rank_states):
     except OSError as e:
         fail(f'cannot save a checkpoint in {out_dir}: {e.strerror}; the previous checkpoint there is intact')
     last_saved_iter = iter_num
+
+
+def draw_sample():
+    """A short sample from sample_start, so a user sees the text improve. From its own random stream, so training
+    goes on exactly as it would have without it; from the uncompiled model, so nothing is recompiled."""
+    global sample_tokenizer
+    try:
+        sample_tokenizer = sample_tokenizer or load_tokenizer(meta['tokenizer'], data_dir)
+        ids = sample_tokenizer.encode(sample_start) or [sample_tokenizer.eot_id or 0]
+    except TokenizerError as e:
+        print(f'note: no sample: {e}')
+        return
+    raw_model.eval()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == 'cuda' else []), ctx:
+        torch.manual_seed(seed)
+        text = generate_text(raw_model, sample_tokenizer, ids[-block_size // 2:], max_new_tokens=min(200, block_size),
+                             temperature=0.8, top_k=200)[0]
+    raw_model.train()
+    print(f'sample at step {iter_num}: {sample_tokenizer.decode(ids) + text!r}')
+
+
+def redraw_plot():
+    global last_plot
+    last_plot = time.time()
+    try:
+        plot_runs([out_dir], os.path.join(out_dir, PLOT_NAME))
+    except (ImportError, OSError, ValueError) as e:  # no matplotlib, a full disk: the run matters more than its plot
+        print(f'note: cannot draw {PLOT_NAME}: {e}')
 
 
 def diverged(what):
@@ -427,7 +466,16 @@ while True:
             diverged('the evaluated loss')
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * learning_rate, 'mfu': running_mfu * 100})
-        if losses['val'] < best_val_loss or always_save_checkpoint:
+        if metrics:
+            val_bpb = bits_per_byte(losses['val'], val_bytes_per_token) if val_bytes_per_token else None
+            metrics.log('eval', iter_num, time.time() - run_start, train_loss=losses['train'], val_loss=losses['val'],
+                        val_bits_per_byte=val_bpb)
+            if plot and time.time() - last_plot >= 30:
+                redraw_plot()
+        if sample_interval and iter_num % sample_interval == 0:
+            draw_sample()
+        autosave = save_interval and iter_num % save_interval == 0
+        if losses['val'] < best_val_loss or always_save_checkpoint or autosave:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
                 save(rank_states)
@@ -485,6 +533,9 @@ while True:
             running_mfu = iter_mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * iter_mfu
             mfu_text = f', mfu {running_mfu * 100:.2f}%'
         print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
+        if metrics:
+            metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * learning_rate,
+                        tokens_per_sec=round(tokens_per_sec), mfu=running_mfu if running_mfu > 0 else None)
 
     # a diverged step (a float16 GradScaler skips overflowing ones itself) or a stop signal, agreed by every
     # process (a host-device sync per step, and one all-reduce of two numbers under DDP)
@@ -495,6 +546,10 @@ while True:
     unhealthy, stop = flags.tolist()
     if unhealthy:
         diverged('the loss' if not torch.isfinite(loss.detach()) else 'the gradient norm')
+    if save_interval and iter_num % save_interval == 0 and iter_num % eval_interval and iter_num != max_iters and not stop:
+        rank_states = gather_rank_states()  # an autosave between evaluations (an evaluation saves at its own iteration)
+        if master_process:
+            save(rank_states)
     if stop:
         rank_states = gather_rank_states()
         if master_process:
@@ -509,6 +564,8 @@ while True:
         sys.stdout.flush()
         os._exit(128 + (stop_signal or signal.SIGINT))  # the shell's code for death by that signal
 
+if metrics and plot:
+    redraw_plot()
 if master_process and device_type == 'cuda':
     print(f'peak memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB')
 if wandb_log and master_process:

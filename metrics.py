@@ -1,0 +1,84 @@
+"""
+What a training run leaves behind to look at: out_dir/metrics.jsonl, one JSON object per logged iteration
+and per evaluation, and out_dir/loss.png, its plot.
+
+    {"kind": "step", "iter": 120, "time": 14.2, "train_loss": 1.91, "lr": 0.0009, "tokens_per_sec": 51200, "mfu": null}
+    {"kind": "eval", "iter": 120, "time": 14.9, "train_loss": 1.84, "val_loss": 1.86, "val_bits_per_byte": 2.69}
+
+time is the wall time of the run in seconds, continued across resumes. A resumed run appends to the file after
+dropping what the interrupted run logged past the checkpoint it resumes from, so the curve goes on as if the run
+had never stopped. plot_runs() draws one or several runs side by side (plot.py is its command line).
+"""
+import json
+import os
+
+from atomic_write import atomic_write_bytes
+
+METRICS_NAME = 'metrics.jsonl'
+PLOT_NAME = 'loss.png'
+
+
+def read_metrics(out_dir):
+    """The records of out_dir/metrics.jsonl, in order; a line cut short by a kill is left out."""
+    path = os.path.join(out_dir, METRICS_NAME)
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # the last line of a killed run, half written
+    return records
+
+
+class MetricsLog:
+    """Appends records to out_dir/metrics.jsonl. resume_iter: the iteration a resumed run starts from (None for a new
+    run, whose log starts empty): records past it are dropped and the wall time goes on from the last one kept."""
+
+    def __init__(self, out_dir, resume_iter=None):
+        self.path = os.path.join(out_dir, METRICS_NAME)
+        kept = [r for r in read_metrics(out_dir) if r.get('iter', 0) <= resume_iter] if resume_iter is not None else []
+        text = ''.join(json.dumps(r) + '\n' for r in kept).encode('utf-8')
+        atomic_write_bytes(self.path, lambda f: f.write(text))
+        self.time_offset = max((r.get('time', 0.0) for r in kept), default=0.0)
+
+    def log(self, kind, iter_num, elapsed, **values):
+        """One record: kind 'step' or 'eval', the iteration, this process's elapsed seconds, and the figures."""
+        record = dict(kind=kind, iter=iter_num, time=round(self.time_offset + elapsed, 3), **values)
+        with open(self.path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def plot_runs(out_dirs, path, labels=None):
+    """Train and val loss of each run against iterations (left) and wall time (right), saved as a PNG at path.
+    Returns the number of runs with records."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only: no window, works without a display
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    plotted = 0
+    for i, out_dir in enumerate(out_dirs):
+        records = read_metrics(out_dir)
+        label = labels[i] if labels else os.path.basename(os.path.normpath(out_dir))
+        color = f'C{i % 10}'
+        steps = [r for r in records if r['kind'] == 'step' and r.get('train_loss') is not None]
+        evals = [r for r in records if r['kind'] == 'eval']
+        plotted += bool(steps or evals)
+        for ax, x in zip(axes, ('iter', 'time')):
+            if steps:
+                ax.plot([r[x] for r in steps], [r['train_loss'] for r in steps], color=color, alpha=0.3, linewidth=1,
+                        label=f'{label} train (each step)')
+            if evals:
+                ax.plot([r[x] for r in evals], [r['val_loss'] for r in evals], color=color, marker='o', markersize=3,
+                        label=f'{label} val')
+    for ax, xlabel in zip(axes, ('iteration', 'wall time (s)')):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel('loss')
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + '.tmp.png')
+    plt.close(fig)
+    os.replace(path + '.tmp.png', path)  # a reader (an image viewer refreshing) never sees half a file
+    return plotted

@@ -1,0 +1,85 @@
+"""What a run leaves behind to look at (metrics.py, plot.py) and what train.py does for a run left alone: the
+metrics log against train.py's own printed figures, across a resume; the plot as an image that follows the curve;
+autosaves between evaluations; samples at evaluations that leave training untouched."""
+import json
+import struct
+
+import torch
+
+from checkpoint import read_checkpoint
+from conftest import TINY_TRAIN, assert_clean_error, final_weights, run, val_losses
+from metrics import MetricsLog, plot_runs, read_metrics
+
+
+def train(dataset, out, *args, check=True):
+    return run('train.py', f'--dataset={dataset}', f'--out_dir={out}', *TINY_TRAIN, *args, check=check)
+
+
+def png_size(path):
+    """(width, height) from a PNG's IHDR chunk, read here without an image library."""
+    data = path.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    return struct.unpack('>II', data[16:24])
+
+
+def test_metrics_log_records_what_train_printed_and_a_resume_continues_the_curve(char_dataset, tmp_path):
+    out = tmp_path / 'out'
+    first = train(char_dataset, out, '--max_iters=8', '--eval_interval=4', '--log_interval=2')
+    (out / 'metrics.jsonl').open('a').write('{"kind": "step", "iter": 9, "ti')  # a kill mid-line, past the checkpoint
+    resumed = train(char_dataset, out, '--init_from=resume', '--max_iters=12', '--eval_interval=4', '--log_interval=2')
+    records = read_metrics(out)
+    evals = [r for r in records if r['kind'] == 'eval']
+    assert [r['iter'] for r in evals] == [0, 4, 8, 12]
+    assert [round(r['val_loss'], 4) for r in evals] == val_losses(first.stdout) + val_losses(resumed.stdout)
+    steps = [r for r in records if r['kind'] == 'step']
+    assert [r['iter'] for r in steps] == [2, 4, 6, 8, 10, 12]
+    printed = {int(l.split()[1][:-1]): float(l.split()[3][:-1]) for l in (first.stdout + resumed.stdout).splitlines()
+               if l.startswith('iter ')}
+    assert all(round(r['train_loss'], 4) == printed[r['iter']] for r in steps)
+    times = [r['time'] for r in records]
+    assert times == sorted(times) and all(r['lr'] > 0 and r['tokens_per_sec'] > 0 for r in steps)
+    assert all(r['val_bits_per_byte'] > 0 for r in evals)
+    assert png_size(out / 'loss.png') == (1200, 450)  # redrawn by train.py at each evaluation
+
+
+def test_the_plot_follows_the_curve_and_plot_py_compares_runs(tmp_path):
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    for folder, slope in ((a, 0.1), (b, 0.2)):
+        folder.mkdir()
+        log = MetricsLog(folder)
+        for i in range(0, 50, 5):
+            log.log('step', i, i * 0.1, train_loss=4 - slope * i ** 0.5, lr=1e-3, tokens_per_sec=1000, mfu=None)
+            log.log('eval', i, i * 0.1 + 0.01, train_loss=4 - slope * i ** 0.5, val_loss=4.1 - slope * i ** 0.5,
+                    val_bits_per_byte=None)
+    assert plot_runs([a], str(tmp_path / 'one.png')) == 1
+    run('plot.py', str(a), str(b), f'--out={tmp_path / "two.png"}')
+    assert png_size(tmp_path / 'one.png') == png_size(tmp_path / 'two.png') == (1200, 450)
+    assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'two.png').read_bytes()
+    with open(a / 'metrics.jsonl', 'a') as f:  # one more evaluation: another picture
+        f.write(json.dumps(dict(kind='eval', iter=55, time=6.0, train_loss=1.0, val_loss=1.0)) + '\n')
+    plot_runs([a], str(tmp_path / 'one-more.png'))
+    assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'one-more.png').read_bytes()
+    assert_clean_error(run('plot.py', str(tmp_path / 'nothing'), check=False), 'has no metrics.jsonl')
+
+
+def test_autosave_between_evaluations(char_dataset, tmp_path):
+    """save_interval saves on its own schedule: with learning_rate 0 the last evaluation finds no better val loss and,
+    with always_save_checkpoint off, saves nothing, so the checkpoint left is the autosave's."""
+    out = tmp_path / 'out'
+    proc = train(char_dataset, out, '--max_iters=7', '--eval_interval=1000', '--save_interval=3', '--learning_rate=0',
+                 '--always_save_checkpoint=False')
+    assert [l for l in proc.stdout.splitlines() if l.startswith('saving')] == [
+        f'saving checkpoint to {out} (iteration 3)', f'saving checkpoint to {out} (iteration 6)']
+    assert read_checkpoint(out)['iter_num'] == 6
+
+
+def test_samples_at_evaluations_leave_training_untouched(char_dataset, tmp_path):
+    args = ['--max_iters=12', '--eval_interval=6', '--dropout=0.1']
+    quiet = train(char_dataset, tmp_path / 'quiet', *args)
+    talking = train(char_dataset, tmp_path / 'talking', *args, '--sample_interval=6', '--sample_start=ROMEO:')
+    samples = [l for l in talking.stdout.splitlines() if l.startswith('sample at step')]
+    assert [s.split(':')[0] for s in samples] == ['sample at step 0', 'sample at step 6', 'sample at step 12']
+    assert all(s.split(': ', 1)[1][1:].startswith('ROMEO:') for s in samples) and samples[0] != samples[-1]  # a repr
+    assert val_losses(quiet.stdout) == val_losses(talking.stdout)
+    (_, a), (_, b) = final_weights(tmp_path / 'quiet'), final_weights(tmp_path / 'talking')
+    assert all(torch.equal(a[k], b[k]) for k in a)
