@@ -6,6 +6,10 @@ Checkpoints without pickle. A checkpoint in out_dir is three files:
     model-<iter>.safetensors     the weights
     optimizer-<iter>.safetensors the optimizer's tensors and the random number generators' states
 
+checkpoint.json is the latest checkpoint, which a resumed run continues. best.json, written by the saves of
+evaluations that found a new best val loss, names the weights of the best one (the same fields, without the
+optimizer): what sample.py and eval.py run by default. Its weight file stays as long as best.json names it.
+
 Nothing a crash, a kill or a second run can do loses the last complete checkpoint:
 - the weight files are written first and checkpoint.json last, each under a temporary name, fsynced, then
   renamed, and the folder is fsynced after the renames;
@@ -33,9 +37,10 @@ from hf_gpt2 import GPT2_NAMES, load_gpt2
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = 'checkpoint.json'
+BEST_NAME = 'best.json'
 LOCK_NAME = '.lock'
 WEIGHT_FILE = re.compile(r'^(model|optimizer)-\d{7}(-\d+)?\.safetensors$')
-TEMPORARY = re.compile(r'^((model|optimizer)-\d{7}(-\d+)?\.safetensors|checkpoint\.json)\.tmp(\d+)$')
+TEMPORARY = re.compile(r'^((model|optimizer)-\d{7}(-\d+)?\.safetensors|checkpoint\.json|best\.json)\.tmp(\d+)$')
 
 
 class CheckpointError(Exception):
@@ -144,23 +149,32 @@ def _unused_name(prefix, iter_num, taken):
     return name
 
 
+def _named_files(out_dir):
+    """The weight files that checkpoint.json and best.json name: the ones a save must neither overwrite nor delete."""
+    named = set()
+    for name in (CHECKPOINT_NAME, BEST_NAME):
+        try:
+            ckpt = read_checkpoint(out_dir, name)
+            named |= {ckpt['model_file'], ckpt.get('optimizer_file')}
+        except CheckpointError:
+            pass
+    return named - {None}
+
+
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_args, config, tokenizer,
-                    training_state=None, ranks=None):
+                    training_state=None, ranks=None, best=False):
     """training_state: whatever else, JSON-able, an exact resume needs (the loss scale). ranks: what each
     process needs to continue exactly, rank 0 first: dicts of its random generators' states, tensors (its
     torch generators, into the optimizer file) or JSON-able values (its batch sampler). By default this
-    process's rng_state(). Raises CheckpointError, and writes nothing, if a weight is not finite."""
+    process's rng_state(). best: these weights have the best val loss so far (best.json names them too).
+    Raises CheckpointError, and writes nothing, if a weight is not finite."""
     state = model_state(model)
     bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f'not saving iteration {iter_num}: {bad[0]} (and {len(bad) - 1} more) hold NaN or inf; '
                               f'the last good checkpoint stays in {out_dir}')
     os.makedirs(out_dir, exist_ok=True)
-    try:
-        current = read_checkpoint(out_dir)
-        taken = {current['model_file'], current.get('optimizer_file')}
-    except CheckpointError:
-        taken = set()
+    taken = _named_files(out_dir)
     model_file, optimizer_file = _unused_name('model', iter_num, taken), _unused_name('optimizer', iter_num, taken)
     opt_tensors, opt_json = ({}, None) if optimizer is None else _split_optimizer_state(optimizer)
     rank_json = []
@@ -171,25 +185,26 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_ar
         save_tensors(os.path.join(out_dir, model_file), state)
         save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors)
         fsync_dir(out_dir)  # both weight files are in place for good before checkpoint.json names them
+        common = dict(format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
+                      tokenizer=tokenizer, model_file=model_file)
         atomic_write_json(os.path.join(out_dir, CHECKPOINT_NAME), dict(
-            format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
-            tokenizer=tokenizer, model_file=model_file, optimizer_file=optimizer_file, optimizer=opt_json,
+            common, optimizer_file=optimizer_file, optimizer=opt_json,
             training_state=dict(training_state or {}, ranks=rank_json),
         ))
+        if best:  # after checkpoint.json: until it is written, best.json names the previous best, which is still there
+            atomic_write_json(os.path.join(out_dir, BEST_NAME), common)
     except BaseException:  # a full disk, Ctrl-C: the new files no checkpoint names go, the previous checkpoint stays
-        try:
-            named = read_checkpoint(out_dir)
-            named = {named['model_file'], named.get('optimizer_file')}
-        except CheckpointError:
-            named = set()
+        named = _named_files(out_dir)
         for name in {model_file, optimizer_file} - named:
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
         raise
-    # only now is the new checkpoint complete: drop earlier checkpoints' files, and temporaries of killed saves
+    # only now is the new checkpoint complete: drop earlier checkpoints' files (but the best's weights), and
+    # temporaries of killed saves
+    keep = _named_files(out_dir) | {model_file, optimizer_file}
     for name in os.listdir(out_dir):
         temporary = TEMPORARY.match(name)
-        if (WEIGHT_FILE.match(name) and name not in (model_file, optimizer_file)) or (
+        if (WEIGHT_FILE.match(name) and name not in keep) or (
                 temporary and int(temporary.group(4)) != os.getpid() and not _process_alive(int(temporary.group(4)))):
             try:
                 os.remove(os.path.join(out_dir, name))
@@ -215,14 +230,14 @@ def _check_file_name(path, ckpt, key):
         raise CheckpointError(f'{path} is damaged: {key} must be a file name in its folder, not {name!r}')
 
 
-def read_checkpoint(out_dir):
-    """The checkpoint's JSON part, checked field by field; raises CheckpointError if out_dir holds no complete,
-    well-formed checkpoint."""
-    path = os.path.join(out_dir, CHECKPOINT_NAME)
+def read_checkpoint(out_dir, name=CHECKPOINT_NAME):
+    """The checkpoint's JSON part (name: checkpoint.json, the latest, or best.json), checked field by field; raises
+    CheckpointError if out_dir holds no complete, well-formed checkpoint."""
+    path = os.path.join(out_dir, name)
     if not os.path.isdir(out_dir):
         raise CheckpointError(f'checkpoint folder {out_dir} does not exist: train one with `python train.py ... --out_dir={out_dir}`')
     if not os.path.exists(path):
-        raise CheckpointError(f'no {CHECKPOINT_NAME} in {out_dir}: it holds no complete checkpoint (was training stopped before the first save?)')
+        raise CheckpointError(f'no {name} in {out_dir}: it holds no complete checkpoint (was training stopped before the first save?)')
     try:
         with open(path, encoding='utf-8') as f:
             ckpt = json.load(f)
@@ -289,12 +304,13 @@ def _check_weights_fit(path, config):
                               f'in the file and {expected.get(wrong[0], "absent")} in the model the config describes')
 
 
-def _load_checkpoint_model(out_dir, device='cpu', **overrides):
-    """Rebuild the model saved in out_dir, with any GPTConfig fields in overrides changed (dropout, when
-    resuming with another). Returns (model, checkpoint JSON). Raises CheckpointError."""
-    ckpt = read_checkpoint(out_dir)
+def _load_checkpoint_model(out_dir, device='cpu', name=CHECKPOINT_NAME, **overrides):
+    """Rebuild the model saved in out_dir (the checkpoint that name, checkpoint.json or best.json, describes), with
+    any GPTConfig fields in overrides changed (dropout, when resuming with another). Returns (model, its JSON).
+    Raises CheckpointError."""
+    ckpt = read_checkpoint(out_dir, name)
     if not os.path.exists(os.path.join(out_dir, ckpt['model_file'])):
-        ckpt = read_checkpoint(out_dir)  # a run saved a newer checkpoint between our two reads: take that one
+        ckpt = read_checkpoint(out_dir, name)  # a run saved a newer checkpoint between our two reads: take that one
     path = _tensors_file(out_dir, ckpt['model_file'])
     try:
         config = GPTConfig(**{**ckpt['model_args'], **overrides})
@@ -352,16 +368,20 @@ def is_hf_source(source):
                                     and not os.path.exists(os.path.join(source, CHECKPOINT_NAME)))
 
 
-def load_model(source, device='cpu', **overrides):
+def load_model(source, device='cpu', which='best', **overrides):
     """The one place that decides what a model to run is: source is a checkpoint folder of train.py, a GPT-2 name
-    (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder. overrides change GPTConfig fields
-    (dropout). Returns LoadedModel(model, tokenizer description, checkpoint JSON or None); the model is in
-    train mode, as nn.Module starts. Raises CheckpointError, or hf_gpt2.HFError."""
+    (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder. which: of a checkpoint folder, the
+    'best' checkpoint (lowest val loss; the latest where none is recorded) or the 'latest'. overrides change
+    GPTConfig fields (dropout). Returns LoadedModel(model, tokenizer description, checkpoint JSON or None); the
+    model is in train mode, as nn.Module starts. Raises CheckpointError, or hf_gpt2.HFError."""
+    if which not in ('best', 'latest'):
+        raise CheckpointError(f"checkpoint={which!r}: use 'best' (the lowest val loss) or 'latest'")
     if is_hf_source(source):
         model, tokenizer = load_gpt2(source, **overrides)
         return LoadedModel(model.train().to(device), tokenizer, None)
     if not os.path.exists(source):
         raise CheckpointError(f"{source} does not exist: pass a checkpoint folder of train.py, a GPT-2 name "
                               f"({', '.join(GPT2_NAMES)}) or a Hugging Face GPT-2 folder")
-    model, ckpt = _load_checkpoint_model(source, device, **overrides)
+    best = which == 'best' and os.path.exists(os.path.join(source, BEST_NAME))
+    model, ckpt = _load_checkpoint_model(source, device, BEST_NAME if best else CHECKPOINT_NAME, **overrides)
     return LoadedModel(model, ckpt.get('tokenizer'), ckpt)

@@ -35,6 +35,7 @@ from tokenizer import TokenizerError, load_tokenizer, tokenizers_match
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoints in out_dir), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder; comma-separated for several
 out_dir = 'out'  # checkpoint folder; several, comma-separated, go side by side in one table (GPT-2 names and Hugging Face folders too)
+checkpoint = 'best'  # of each checkpoint folder: 'best' (lowest val loss) or 'latest'
 dataset = ''  # a prepared dataset (folder under data/ or a path); '' is the dataset each checkpoint was trained on
 split = 'val'  # the dataset's split: 'val' or 'train'
 text = ''  # a UTF-8 text file to evaluate on instead of a dataset
@@ -81,7 +82,7 @@ if not text and not dataset:
 def load(entry):
     """(model, tokenizer, the checkpoint's JSON or None) of one table entry."""
     try:
-        model, description, ckpt = load_model(entry, device)
+        model, description, ckpt = load_model(entry, device, which=checkpoint)
     except (CheckpointError, HFError) as e:
         fail(e)
     if description is None:

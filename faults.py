@@ -186,8 +186,10 @@ def same_weights(a, b):
 
 
 def loadable(out_dir):
-    """Whether the repository's own loader accepts out_dir's checkpoint (in a fresh process, as a user would)."""
-    code = subprocess.run([sys.executable, '-c', f'from checkpoint import load_model; load_model({out_dir!r})'],
+    """Whether the repository's own loader accepts out_dir's latest and best checkpoints (in a fresh process, as a user
+    would)."""
+    code = subprocess.run([sys.executable, '-c', f'from checkpoint import load_model; load_model({out_dir!r}, '
+                           f'which="latest"); load_model({out_dir!r})'],
                           cwd=ROOT, env=ENV, capture_output=True).returncode
     return code == 0
 
@@ -354,9 +356,7 @@ def damaged_checkpoints(lab):
     assert code == 0, err
     results = []
     for name, damage in {**DAMAGE, **RESUME_DAMAGE}.items():
-        folder = lab.out(f'damaged-{name}')
-        shutil.copytree(good, folder)
-        damage(folder)
+        folder = damaged_copy(good, lab.out(f'damaged-{name}'), damage)
         t0 = time.time()
         if name in DAMAGE:
             proc = script('sample.py', f'--out_dir={folder}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5')
@@ -365,6 +365,16 @@ def damaged_checkpoints(lab):
         code, _, err = finish(proc, timeout=30)
         results.append((name, one_line_error(code, err), time.time() - t0, err.strip()))
     return results
+
+
+def damaged_copy(good, folder, damage):
+    """A copy of the checkpoint folder good, damaged. Without its best.json (most damages are to checkpoint.json),
+    checkpoint.json is the checkpoint sample.py reads, as well as the one a resume reads."""
+    shutil.copytree(good, folder, dirs_exist_ok=True)
+    if os.path.exists(os.path.join(folder, 'best.json')):
+        os.remove(os.path.join(folder, 'best.json'))
+    damage(folder)
+    return folder
 
 
 def edit_json(change):
@@ -425,6 +435,7 @@ DAMAGE = {
     'weights missing': lambda folder: os.remove(os.path.join(folder, named_file(folder, 'model_file'))),
     'iter_num a string': edit_json(lambda c: c.update(iter_num='10')),
     'config missing': edit_json(lambda c: c.pop('config')),
+    'best.json truncated': write_file('best.json', b'{"model_file": "mo'),
 }
 # damage only a resume meets (sampling needs neither the optimizer nor the random generators)
 RESUME_DAMAGE = {

@@ -29,6 +29,7 @@ from tokenizer import TokenizerError, UnknownCharactersError, load_tokenizer
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoint in out_dir), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
 out_dir = 'out'  # the checkpoint folder, with init_from='resume'
+checkpoint = 'best'  # of a checkpoint folder: 'best' (lowest val loss) or 'latest' (where --init_from=resume goes on)
 start = '\n'  # the prompt (also --prompt=..., or an argument that is no config file); "FILE:prompt.txt" reads it from a file
 num_samples = 10  # samples to draw, generated together as one batch
 max_new_tokens = 500  # tokens generated per sample
@@ -76,7 +77,7 @@ except ValueError as e:
     fail(e)
 source = out_dir if init_from == 'resume' else init_from
 try:
-    model, tokenizer_description, _ = load_model(source, device)
+    model, tokenizer_description, _ = load_model(source, device, which=checkpoint)
 except (CheckpointError, HFError) as e:
     fail(e)
 if tokenizer_description is None:

@@ -52,6 +52,8 @@ sample_start = '\n'  # the prompt of those samples
 plot = True  # redraw out_dir/loss.png (from out_dir/metrics.jsonl) at evaluations, at most every 30 s, and at the end
 init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder or a checkpoint folder
 target_val_loss = 0.0  # stop once an evaluation's val loss is <= this (a speedrun's finish line); 0 runs all max_iters
+patience = 0  # early stopping: stop after this many evaluations in a row without a new best val loss (0: never)
+max_overfit_gap = 0.0  # early stopping: stop once val loss exceeds train loss by more than this (0: never)
 # wandb logging
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'owt'
@@ -123,7 +125,8 @@ def check_settings():
         if config[key] < 1:
             fail(f'{key}={config[key]} must be at least 1')
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay',
-                'grad_clip', 'target_val_loss', 'threads', 'save_interval', 'sample_interval'):
+                'grad_clip', 'target_val_loss', 'threads', 'save_interval', 'sample_interval', 'patience',
+                'max_overfit_gap'):
         if config[key] < 0:
             fail(f'{key}={config[key]} must not be negative')
     for key in ('beta1', 'beta2', 'muon_momentum'):
@@ -242,7 +245,8 @@ else:
     if master_process:
         print(f'Resuming training from {out_dir}' if init_from == 'resume' else f'Initializing from the weights of {init_from}')
     try:
-        model, model_tokenizer, saved = load_model(source, dropout=dropout)
+        model, model_tokenizer, saved = load_model(source, which='latest' if init_from == 'resume' else 'best',
+                                                   dropout=dropout)
     except (CheckpointError, HFError) as e:
         fail(e)
     if init_from != 'resume':  # fine-tuning: these weights, a new optimizer, iterations from 0
@@ -372,6 +376,8 @@ def request_stop(signum, frame):
 
 stop_signal, stop_time = None, 0.0
 last_saved_iter = iter_num if init_from == 'resume' else None
+best_saved_iter = None
+evals_since_best = resumed['training_state'].get('evals_since_best', 0) if resumed else 0  # for patience
 
 
 # logging
@@ -398,18 +404,20 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 
-def save(rank_states):
-    """Write a checkpoint of this iteration (the master; rank_states from gather_rank_states)."""
-    global last_saved_iter
-    print(f'saving checkpoint to {out_dir} (iteration {iter_num})')
+def save(rank_states, best=False):
+    """Write a checkpoint of this iteration (the master; rank_states from gather_rank_states); best: its val loss
+    is the best so far, so sample.py and eval.py will read it (best.json)."""
+    global last_saved_iter, best_saved_iter
+    print(f"saving checkpoint to {out_dir} (iteration {iter_num}{', the best so far' if best else ''})")
     try:
-        save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config,
-                        meta['tokenizer'], dict(scaler=scaler.state_dict()), rank_states)
+        save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config, meta['tokenizer'],
+                        dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best), rank_states, best)
     except CheckpointError as e:
         fail(e)
     except OSError as e:
         fail(f'cannot save a checkpoint in {out_dir}: {e.strerror}; the previous checkpoint there is intact')
     last_saved_iter = iter_num
+    best_saved_iter = iter_num if best else best_saved_iter
 
 
 def draw_sample():
@@ -456,7 +464,7 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints (not again right after a resume, unless asked)
     evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                              and (iter_num != start_iter or init_from != 'resume'))
-    reached_target = False
+    finished = False  # the target val loss was reached, or early stopping ends the run
     rank_states = gather_rank_states() if evaluate and iter_num > 0 and not eval_only else None
     if evaluate and master_process:
         losses = estimate_loss()
@@ -474,20 +482,30 @@ while True:
                 redraw_plot()
         if sample_interval and iter_num % sample_interval == 0:
             draw_sample()
+        improved = losses['val'] < best_val_loss
+        evals_since_best = 0 if improved else evals_since_best + 1
         autosave = save_interval and iter_num % save_interval == 0
-        if losses['val'] < best_val_loss or always_save_checkpoint or autosave:
+        if improved or always_save_checkpoint or autosave:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                save(rank_states)
-        reached_target = target_val_loss > 0 and losses['val'] <= target_val_loss
-        if reached_target:
+                save(rank_states, best=improved)
+        gap = losses['val'] - losses['train']
+        if target_val_loss > 0 and losses['val'] <= target_val_loss:
+            finished = True
             print(f'reached target val loss {target_val_loss} at step {iter_num}')
-    if evaluate and ddp and target_val_loss:
+        elif patience and evals_since_best >= patience and not eval_only:
+            finished = True
+            print(f'early stop at step {iter_num}: no new best val loss in {patience} evaluations (patience={patience})')
+        elif max_overfit_gap and gap > max_overfit_gap and not eval_only:
+            finished = True
+            print(f'early stop at step {iter_num}: val loss exceeds train loss by {gap:.4f}, more than '
+                  f'max_overfit_gap={max_overfit_gap} (overfitting)')
+    if evaluate and ddp and (target_val_loss or patience or max_overfit_gap):
         # only the master evaluates: it tells the others whether to stop
-        flag = torch.tensor([float(reached_target)], device=device)
+        flag = torch.tensor([float(finished)], device=device)
         torch.distributed.broadcast(flag, 0)
-        reached_target = bool(flag.item())
-    if reached_target:
+        finished = bool(flag.item())
+    if finished:
         break
     if eval_only:
         break
@@ -566,6 +584,9 @@ while True:
 
 if metrics and plot:
     redraw_plot()
+if master_process and best_saved_iter is not None and best_saved_iter != last_saved_iter:
+    print(f'the best checkpoint (iteration {best_saved_iter}, val loss {best_val_loss:.4f}) is what sample.py and eval.py '
+          f'read; --init_from=resume continues from the latest (iteration {last_saved_iter})')
 if master_process and device_type == 'cuda':
     print(f'peak memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB')
 if wandb_log and master_process:

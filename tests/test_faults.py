@@ -64,7 +64,8 @@ def test_a_kill_in_each_phase_of_a_save_keeps_the_previous_checkpoint(lab, renam
     assert ckpt['iter_num'] == 4 and faults.same_weights(faults.weights(out)[1], before[1])
     code, _, err = faults.finish(lab.train(out, '--init_from=resume', '--max_iters=6', '--eval_interval=2'))
     assert code == 0, err
-    assert sorted(os.listdir(out)) == ['.lock', 'checkpoint.json', 'model-0000006.safetensors', 'optimizer-0000006.safetensors']
+    assert sorted(os.listdir(out)) == ['.lock', 'best.json', 'checkpoint.json', 'loss.png', 'metrics.jsonl',
+                                       'model-0000006.safetensors', 'optimizer-0000006.safetensors']
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(lab):
@@ -121,10 +122,8 @@ def damaged(lab, name):
     if not os.path.exists(good):
         code, _, err = faults.finish(lab.train(good, '--max_iters=2', '--eval_interval=2'))
         assert code == 0, err
-    folder = tempfile.mkdtemp(prefix='damaged-', dir=lab.folder)
-    faults.shutil.copytree(good, folder, dirs_exist_ok=True)
-    {**faults.DAMAGE, **faults.RESUME_DAMAGE}[name](folder)
-    return folder
+    return faults.damaged_copy(good, tempfile.mkdtemp(prefix='damaged-', dir=lab.folder),
+                               {**faults.DAMAGE, **faults.RESUME_DAMAGE}[name])
 
 
 @pytest.mark.parametrize('name,message', [
@@ -146,6 +145,7 @@ def damaged(lab, name):
     ('huge context', 'transformer.wpe.weight is (32, 32) in the file'),
     ('iter_num a string', "iter_num must be a whole number, not '10'"),
     ('config missing', "lacks 'config'"),
+    ('best.json truncated', 'best.json'),
 ])
 def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(lab, name, message):
     with pytest.raises(CheckpointError) as error:
@@ -206,8 +206,8 @@ def test_a_reader_racing_a_save_takes_the_newer_checkpoint(lab, monkeypatch):
     stale = dict(read_checkpoint(out), model_file='model-0000002.safetensors')  # deleted by the save at 4
     reads = iter([stale])
     real = checkpoint.read_checkpoint
-    monkeypatch.setattr(checkpoint, 'read_checkpoint', lambda folder: next(reads, None) or real(folder))
-    model, _, ckpt = checkpoint.load_model(out)
+    monkeypatch.setattr(checkpoint, 'read_checkpoint', lambda folder, name: next(reads, None) or real(folder, name))
+    model, _, ckpt = checkpoint.load_model(out, which='latest')
     assert ckpt['iter_num'] == 4
 
 

@@ -83,3 +83,47 @@ def test_samples_at_evaluations_leave_training_untouched(char_dataset, tmp_path)
     assert val_losses(quiet.stdout) == val_losses(talking.stdout)
     (_, a), (_, b) = final_weights(tmp_path / 'quiet'), final_weights(tmp_path / 'talking')
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_and_latest_checkpoints(tmp_path):
+    """A save that is not the best leaves best.json naming the best one's weights, which stay; sample.py and eval.py
+    read the best by default (--checkpoint=latest the other); a new best replaces it and its file goes."""
+    from checkpoint import load_model, save_checkpoint
+    from model import GPT, GPTConfig
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    models = []
+    for i, best in ((1, True), (2, False)):
+        torch.manual_seed(i)
+        models.append(GPT(GPTConfig(**args)))
+        save_checkpoint(tmp_path, models[-1], None, i, 0.0, args, {}, None, best=best)
+    assert read_checkpoint(tmp_path)['iter_num'] == 2 and read_checkpoint(tmp_path, 'best.json')['iter_num'] == 1
+    for which, expected in (('best', models[0]), ('latest', models[1])):
+        loaded = load_model(tmp_path, which=which).model
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), expected.state_dict().values()))
+    assert sorted(p.name for p in tmp_path.glob('model-*')) == ['model-0000001.safetensors', 'model-0000002.safetensors']
+    save_checkpoint(tmp_path, models[1], None, 3, 0.0, args, {}, None, best=True)
+    assert read_checkpoint(tmp_path, 'best.json')['iter_num'] == 3
+    assert sorted(p.name for p in tmp_path.glob('model-*')) == ['model-0000003.safetensors']
+
+
+def test_early_stopping_patience_and_overfitting(char_dataset, tmp_path):
+    """patience: with learning_rate 0 no evaluation finds a better val loss; the run stops after `patience` of them.
+    max_overfit_gap: a val split unlike the train split (other characters' order) opens a gap fast."""
+    proc = train(char_dataset, tmp_path / 'patient', '--learning_rate=0', '--patience=2', '--eval_interval=2',
+                 '--max_iters=100')
+    assert 'early stop at step 4: no new best val loss in 2 evaluations' in proc.stdout and 'iter 5:' not in proc.stdout
+    import numpy as np
+    from dataset import load_meta, write_dataset
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(load_meta(char_dataset)['tokenizer'])
+    train_ids = np.fromfile(char_dataset / 'train.bin', dtype=np.uint16)
+    shuffled = np.random.default_rng(0).permutation(train_ids[:4000])  # same characters, no structure to learn
+    (tmp_path / 'mismatch').mkdir()
+    write_dataset(tmp_path / 'mismatch', tok, {'train': train_ids, 'val': shuffled})
+    proc = train(tmp_path / 'mismatch', tmp_path / 'overfit', '--max_overfit_gap=0.3', '--eval_interval=5',
+                 '--max_iters=200', '--learning_rate=1e-2')
+    [line] = [l for l in proc.stdout.splitlines() if l.startswith('early stop')]
+    step = int(line.split()[4][:-1])
+    train_loss, val_loss = [(float(l.split()[4][:-1]), float(l.split()[7][:-1])) for l in proc.stdout.splitlines()
+                            if l.startswith(f'step {step}:')][0]
+    assert val_loss - train_loss > 0.3 and step < 200 and 'max_overfit_gap=0.3' in line
