@@ -7,6 +7,7 @@ Several models are compared side by side in one table.
     python eval.py --init_from=gpt2 --dataset=shakespeare              # GPT-2 itself, no checkpoint needed
     python eval.py --out_dir=out-shakespeare,gpt2 --dataset=shakespeare  # a fine-tune against its base
     python eval.py --out_dir=out-shakespeare-char --train_batches=True  # exactly the val loss train.py printed
+    python eval.py --out_dir=out-a,out-b --samples=20                  # and the figures of 20 samples of each
 
 By default every token of the split (or file) is scored once: the tokens are cut into consecutive windows
 of block_size, so a token is predicted from the earlier tokens of its window. train_batches=True instead
@@ -28,8 +29,10 @@ from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta, open_split,
                      sample_windows)
+from generate import generate_tokens
 from hf_gpt2 import HFError
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
+from sample_quality import ngram_set, quality, self_perplexity
 from tokenizer import TokenizerError, load_tokenizer, tokenizers_match
 
 # -----------------------------------------------------------------------------
@@ -47,6 +50,12 @@ eval_iters = 0  # with train_batches: batches to draw; 0 is the checkpoint's eva
 drop_unknown = False  # drop text characters the vocabulary lacks instead of stopping with an error
 encoding_errors = 'strict'  # --text that is not UTF-8: 'strict' stops with an error, 'replace' or 'ignore' its bad bytes
 progress = True  # a progress bar per model (on stderr)
+samples = 0  # > 0: also generate this many samples per model and print their figures (sample_quality.py): variety, repetition, copying from train, self-perplexity
+sample_tokens = 200  # tokens per sample (at most the model's block_size, with the prompt)
+start = '\n'  # the samples' prompt
+temperature = 0.8  # the samples' temperature (top_k 200, as sample.py)
+memorization_mb = 10.0  # copied 8-grams are looked up in the first this many MB of the model's training text
+seed = 1337  # the same seed gives the same samples
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
@@ -60,6 +69,8 @@ if text and train_batches:
     fail('train_batches draws from a dataset split: it cannot be combined with --text')
 if batch_size < 1 or block_size < 0 or max_tokens < 0 or eval_iters < 0:
     fail('batch_size must be at least 1; block_size, max_tokens and eval_iters must not be negative')
+if samples < 0 or sample_tokens < 1 or not temperature > 0 or memorization_mb < 0:
+    fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive')
 try:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -174,7 +185,39 @@ def like_train(model, folder, meta, cfg, name):
     return losses.mean().item(), iters * cfg['batch_size'] * cfg['block_size']
 
 
-rows, lossy = [], False
+@torch.no_grad()
+def sample_figures(model, tokenizer, ckpt, entry):
+    """The figures of `samples` samples of the model (sample_quality.quality, and its self-perplexity)."""
+    try:
+        prompt = tokenizer.encode(start) or [tokenizer.eot_id or 0]
+    except TokenizerError as e:
+        fail(f'--start for {entry}: {e}')
+    n_new = min(sample_tokens, model.config.block_size - len(prompt))
+    torch.manual_seed(seed)
+    idx = torch.tensor([prompt] * samples, dtype=torch.long, device=device)
+    with ctx:
+        steps = list(generate_tokens(model, idx, n_new, temperature, 200, vocab_size=tokenizer.vocab_size))
+    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(samples)]
+    rows = [r[:r.index(tokenizer.eot_id)] if tokenizer.eot_id in r else r for r in rows]  # a sample ends at end-of-text
+    train_ngrams = None  # copying is measured against the model's own training text, where it is at hand
+    name = dataset or (ckpt['config'].get('dataset') if ckpt else None)
+    if name:
+        try:
+            folder = dataset_dir(name)
+            meta = load_meta(folder)
+            if tokenizers_match(tokenizer.describe(), meta['tokenizer']):
+                train_ids = open_split(folder, 'train', meta)
+                n = int(memorization_mb * 1e6 / (bytes_per_token(meta, 'train') or 4))
+                train_ngrams = ngram_set(tokenizer.decode(np.asarray(train_ids[:n], dtype=np.int64)))
+        except DatasetError:
+            pass
+    with ctx:
+        figures = quality([tokenizer.decode(r) for r in rows], train_ngrams)
+        figures['self-perplexity'] = self_perplexity(model, prompt, rows)
+    return figures
+
+
+rows, lossy, figure_rows = [], False, []
 for entry in entries:
     model, tokenizer, ckpt = load(entry)
     if text:
@@ -204,6 +247,8 @@ for entry in entries:
         bpb += '*'
         lossy = True
     rows.append((entry, source, n, loss, math.exp(loss), bpb))
+    if samples:
+        figure_rows.append((entry, sample_figures(model, tokenizer, ckpt, entry)))
     del model
 
 headers = ('model', 'data', 'tokens', 'loss', 'perplexity', 'bits/byte')
@@ -214,3 +259,13 @@ for row in cells:
 if lossy:
     print('* a lossy tokenizer (word: whitespace dropped, unknown words as <unk>): its loss leaves out what it drops, '
           'so its bits per byte do not compare with other tokenizers')
+if figure_rows:
+    names = list(figure_rows[0][1])
+    cells = [('model', 'samples', *names)]
+    for entry, figures in figure_rows:
+        cells.append((entry, str(samples), *('n/a' if figures[k] is None else f'{figures[k]:.3f}' if isinstance(
+            figures[k], float) else str(figures[k]) for k in names)))
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    print()
+    for row in cells:
+        print('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
