@@ -34,6 +34,8 @@ from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
+from tqdm import tqdm
+
 from runtime import autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
 
@@ -49,6 +51,7 @@ always_save_checkpoint = True  # save after every evaluation, not only when val 
 save_interval = 0  # also save every this many iterations, between evaluations (0: at evaluations only)
 sample_interval = 0  # print a short sample at the evaluations of every this many iterations (0: never)
 sample_start = '\n'  # the prompt of those samples
+progress = None  # a progress bar (loss, tokens/s, time left) instead of a line per iteration: None = when the output is a terminal
 plot = True  # redraw out_dir/loss.png (from out_dir/metrics.jsonl) at evaluations, at most every 30 s, and at the end
 init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder or a checkpoint folder
 target_val_loss = 0.0  # stop once an evaluation's val loss is <= this (a speedrun's finish line); 0 runs all max_iters
@@ -145,6 +148,8 @@ def check_settings():
 check_settings()
 if init_from not in ('scratch', 'resume') and init_from not in GPT2_NAMES and not os.path.isdir(init_from):
     fail(f"init_from={init_from!r}: use 'scratch', 'resume', {', '.join(GPT2_NAMES)}, a Hugging Face GPT-2 folder or a checkpoint folder")
+if progress not in (None, True, False):
+    fail(f'progress={progress!r}: use True, False or None (a bar when the output is a terminal)')
 if compile not in (None, True, False):
     fail(f'compile={compile!r}: use True, False or None (on for CUDA only)')
 
@@ -394,6 +399,8 @@ sample_tokenizer = None
 # out_dir/metrics.jsonl: the curve of this run (a resumed run continues it from the checkpoint's iteration)
 metrics = MetricsLog(out_dir, iter_num if init_from == 'resume' else None) if master_process and not eval_only else None
 run_start = time.time()
+show_bar = master_process and not eval_only and (sys.stdout.isatty() if progress is None else progress)
+bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True, file=sys.stdout) if show_bar else None
 last_plot = run_start  # drawing takes ~0.3 s: not more often than every 30 s (a short run gets its plot at the end)
 batch_rng_state = data_rng.bit_generator.state  # the sampler's state before the batch in X, Y: saved for resume
 X, Y = get_batch('train', data_rng)  # fetch the very first batch
@@ -404,11 +411,19 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 
+def say(line):
+    """Print a line of the log; above the progress bar, when there is one."""
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
+
+
 def save(rank_states, best=False):
     """Write a checkpoint of this iteration (the master; rank_states from gather_rank_states); best: its val loss
     is the best so far, so sample.py and eval.py will read it (best.json)."""
     global last_saved_iter, best_saved_iter
-    print(f"saving checkpoint to {out_dir} (iteration {iter_num}{', the best so far' if best else ''})")
+    say(f"saving checkpoint to {out_dir} (iteration {iter_num}{', the best so far' if best else ''})")
     try:
         save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config, meta['tokenizer'],
                         dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best), rank_states, best)
@@ -428,7 +443,7 @@ def draw_sample():
         sample_tokenizer = sample_tokenizer or load_tokenizer(meta['tokenizer'], data_dir)
         ids = sample_tokenizer.encode(sample_start) or [sample_tokenizer.eot_id or 0]
     except TokenizerError as e:
-        print(f'note: no sample: {e}')
+        say(f'note: no sample: {e}')
         return
     raw_model.eval()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == 'cuda' else []), ctx:
@@ -436,7 +451,7 @@ def draw_sample():
         text = generate_text(raw_model, sample_tokenizer, ids[-block_size // 2:], max_new_tokens=min(200, block_size),
                              temperature=0.8, top_k=200)[0]
     raw_model.train()
-    print(f'sample at step {iter_num}: {sample_tokenizer.decode(ids) + text!r}')
+    say(f'sample at step {iter_num}: {sample_tokenizer.decode(ids) + text!r}')
 
 
 def redraw_plot():
@@ -445,7 +460,7 @@ def redraw_plot():
     try:
         plot_runs([out_dir], os.path.join(out_dir, PLOT_NAME))
     except (ImportError, OSError, ValueError) as e:  # no matplotlib, a full disk: the run matters more than its plot
-        print(f'note: cannot draw {PLOT_NAME}: {e}')
+        say(f'note: cannot draw {PLOT_NAME}: {e}')
 
 
 def diverged(what):
@@ -469,7 +484,7 @@ while True:
     if evaluate and master_process:
         losses = estimate_loss()
         bpb = f", val bits/byte {bits_per_byte(losses['val'], val_bytes_per_token):.4f}{lossy_note}" if val_bytes_per_token else ''
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
+        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged('the evaluated loss')
         if wandb_log:
@@ -492,13 +507,13 @@ while True:
         gap = losses['val'] - losses['train']
         if target_val_loss > 0 and losses['val'] <= target_val_loss:
             finished = True
-            print(f'reached target val loss {target_val_loss} at step {iter_num}')
+            say(f'reached target val loss {target_val_loss} at step {iter_num}')
         elif patience and evals_since_best >= patience and not eval_only:
             finished = True
-            print(f'early stop at step {iter_num}: no new best val loss in {patience} evaluations (patience={patience})')
+            say(f'early stop at step {iter_num}: no new best val loss in {patience} evaluations (patience={patience})')
         elif max_overfit_gap and gap > max_overfit_gap and not eval_only:
             finished = True
-            print(f'early stop at step {iter_num}: val loss exceeds train loss by {gap:.4f}, more than '
+            say(f'early stop at step {iter_num}: val loss exceeds train loss by {gap:.4f}, more than '
                   f'max_overfit_gap={max_overfit_gap} (overfitting)')
     if evaluate and ddp and (target_val_loss or patience or max_overfit_gap):
         # only the master evaluates: it tells the others whether to stop
@@ -540,6 +555,8 @@ while True:
     t0 = t1
     iter_num += 1
     local_iter_num += 1
+    if bar is not None:
+        bar.update(1)
     if iter_num % log_interval == 0 and master_process:
         # get loss as float. note: this is a CPU-GPU sync point
         # scale up to undo the division above, approximating the true total loss (exact would have been a sum)
@@ -550,7 +567,10 @@ while True:
             iter_mfu = mfu(raw_model.flops_per_token(), tokens_per_iter, dt, device_peak, ddp_world_size)
             running_mfu = iter_mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * iter_mfu
             mfu_text = f', mfu {running_mfu * 100:.2f}%'
-        print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
+        if bar is not None:
+            bar.set_postfix_str(f'loss {lossf:.4f}, {tokens_per_sec:,.0f} tok/s{mfu_text}', refresh=False)
+        else:
+            print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
         if metrics:
             metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * learning_rate,
                         tokens_per_sec=round(tokens_per_sec), mfu=running_mfu if running_mfu > 0 else None)
@@ -582,6 +602,8 @@ while True:
         sys.stdout.flush()
         os._exit(128 + (stop_signal or signal.SIGINT))  # the shell's code for death by that signal
 
+if bar is not None:
+    bar.close()
 if metrics and plot:
     redraw_plot()
 if master_process and best_saved_iter is not None and best_saved_iter != last_saved_iter:
