@@ -68,7 +68,7 @@ def plot_runs(out_dirs, path, labels=None):
         for ax, x in zip(axes, ('iter', 'time')):
             if steps:
                 ax.plot([r[x] for r in steps], [r['train_loss'] for r in steps], color=color, alpha=0.3, linewidth=1,
-                        label=f'{label} train (each step)')
+                        label=f'{label} train (logged steps)')
             if evals:
                 ax.plot([r[x] for r in evals], [r['val_loss'] for r in evals], color=color, marker='o', markersize=3,
                         label=f'{label} val')
