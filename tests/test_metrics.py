@@ -112,6 +112,8 @@ def test_early_stopping_patience_and_overfitting(char_dataset, tmp_path):
     proc = train(char_dataset, tmp_path / 'patient', '--learning_rate=0', '--patience=2', '--eval_interval=2',
                  '--max_iters=100')
     assert 'early stop at step 4: no new best val loss in 2 evaluations' in proc.stdout and 'iter 5:' not in proc.stdout
+    # the latest checkpoint is the stop's; no evaluation after step 0 was better, so there is no best.json
+    assert read_checkpoint(tmp_path / 'patient')['iter_num'] == 4 and not (tmp_path / 'patient' / 'best.json').exists()
     import numpy as np
     from dataset import load_meta, write_dataset
     from tokenizer import load_tokenizer
@@ -127,6 +129,7 @@ def test_early_stopping_patience_and_overfitting(char_dataset, tmp_path):
     train_loss, val_loss = [(float(l.split()[4][:-1]), float(l.split()[7][:-1])) for l in proc.stdout.splitlines()
                             if l.startswith(f'step {step}:')][0]
     assert val_loss - train_loss > 0.3 and step < 200 and 'max_overfit_gap=0.3' in line
+    assert read_checkpoint(tmp_path / 'overfit')['iter_num'] == step  # saved at the evaluation that stopped it
 
 
 def test_a_progress_bar_on_a_terminal_and_plain_lines_otherwise(char_dataset, tmp_path):
