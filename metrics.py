@@ -19,16 +19,18 @@ PLOT_NAME = 'loss.png'
 
 
 def read_metrics(out_dir):
-    """The records of out_dir/metrics.jsonl, in order; a line cut short by a kill is left out."""
+    """The records of out_dir/metrics.jsonl, in order; a line cut short by a kill, or not a record, is left out."""
     path = os.path.join(out_dir, METRICS_NAME)
     records = []
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
             for line in f:
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
-                    pass  # the last line of a killed run, half written
+                    continue  # the last line of a killed run, half written
+                if isinstance(record, dict) and isinstance(record.get('iter'), int) and record.get('kind') in ('step', 'eval'):
+                    records.append(record)  # anything else is not ours: left out, not trusted
     return records
 
 
@@ -38,16 +40,20 @@ class MetricsLog:
 
     def __init__(self, out_dir, resume_iter=None):
         self.path = os.path.join(out_dir, METRICS_NAME)
-        kept = [r for r in read_metrics(out_dir) if r.get('iter', 0) <= resume_iter] if resume_iter is not None else []
+        kept = [r for r in read_metrics(out_dir) if r['iter'] <= resume_iter] if resume_iter is not None else []
         text = ''.join(json.dumps(r) + '\n' for r in kept).encode('utf-8')
         atomic_write_bytes(self.path, lambda f: f.write(text))
-        self.time_offset = max((r.get('time', 0.0) for r in kept), default=0.0)
+        self.time_offset = max((r['time'] for r in kept if isinstance(r.get('time'), (int, float))), default=0.0)
 
     def log(self, kind, iter_num, elapsed, **values):
         """One record: kind 'step' or 'eval', the iteration, this process's elapsed seconds, and the figures."""
         record = dict(kind=kind, iter=iter_num, time=round(self.time_offset + elapsed, 3), **values)
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write(json.dumps(record) + '\n')
+
+
+def _numbers(record, *keys):
+    return all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
 
 
 def plot_runs(out_dirs, path, labels=None):
@@ -62,8 +68,8 @@ def plot_runs(out_dirs, path, labels=None):
         records = read_metrics(out_dir)
         label = labels[i] if labels else os.path.basename(os.path.normpath(out_dir))
         color = f'C{i % 10}'
-        steps = [r for r in records if r['kind'] == 'step' and r.get('train_loss') is not None]
-        evals = [r for r in records if r['kind'] == 'eval']
+        steps = [r for r in records if r['kind'] == 'step' and _numbers(r, 'time', 'train_loss')]
+        evals = [r for r in records if r['kind'] == 'eval' and _numbers(r, 'time', 'val_loss')]
         plotted += bool(steps or evals)
         for ax, x in zip(axes, ('iter', 'time')):
             if steps:

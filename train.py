@@ -459,7 +459,7 @@ def redraw_plot():
     last_plot = time.time()
     try:
         plot_runs([out_dir], os.path.join(out_dir, PLOT_NAME))
-    except (ImportError, OSError, ValueError) as e:  # no matplotlib, a full disk: the run matters more than its plot
+    except Exception as e:  # no matplotlib, a full disk, a font problem: the run matters more than its plot
         say(f'note: cannot draw {PLOT_NAME}: {e}')
 
 
