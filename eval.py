@@ -27,8 +27,8 @@ import torch
 
 from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
-from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta, open_split,
-                     sample_windows)
+from dataset import (UNICODE_FORMS, DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta,
+                     normalize_unicode, open_split, sample_windows)
 from generate import generate_tokens
 from hf_gpt2 import HFError
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
@@ -49,6 +49,7 @@ train_batches = False  # draw random batches exactly as train.py's evaluation do
 eval_iters = 0  # with train_batches: batches to draw; 0 is the checkpoint's eval_iters
 drop_unknown = False  # drop text characters the vocabulary lacks instead of stopping with an error
 encoding_errors = 'strict'  # --text that is not UTF-8: 'strict' stops with an error, 'replace' or 'ignore' its bad bytes
+normalize = 'NFC'  # Unicode normal form of --text and of the samples' prompt, as prepare.py normalises corpora; '' keeps them as they are
 progress = True  # a progress bar per model (on stderr)
 samples = 0  # > 0: also generate this many samples per model and print their figures (sample_quality.py): variety, repetition, copying from train, self-perplexity
 sample_tokens = 200  # tokens per sample (at most the model's block_size, with the prompt)
@@ -69,6 +70,8 @@ if text and train_batches:
     fail('train_batches draws from a dataset split: it cannot be combined with --text')
 if batch_size < 1 or block_size < 0 or max_tokens < 0 or eval_iters < 0:
     fail('batch_size must be at least 1; block_size, max_tokens and eval_iters must not be negative')
+if normalize.upper() not in UNICODE_FORMS + ('',):
+    fail(f"normalize={normalize!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the text as it is")
 if samples < 0 or sample_tokens < 1 or not temperature > 0 or memorization_mb < 0:
     fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive')
 try:
@@ -113,6 +116,7 @@ def text_tokens(tokenizer):
             content = decode_utf8(f.read(), text, encoding_errors)
         except DatasetError as e:
             fail(e)
+    content = normalize_unicode(content, normalize.upper())
     if drop_unknown:
         content = tokenizer.drop_unknown(content)
     try:
@@ -189,7 +193,7 @@ def like_train(model, folder, meta, cfg, name):
 def sample_figures(model, tokenizer, ckpt, entry):
     """The figures of `samples` samples of the model (sample_quality.quality, and its self-perplexity)."""
     try:
-        prompt = tokenizer.encode(start) or [tokenizer.eot_id or 0]
+        prompt = tokenizer.encode(normalize_unicode(start, normalize.upper())) or [tokenizer.eot_id or 0]
     except TokenizerError as e:
         fail(f'--start for {entry}: {e}')
     n_new = min(sample_tokens, model.config.block_size - len(prompt))

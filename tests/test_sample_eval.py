@@ -228,7 +228,7 @@ def test_bits_per_byte_are_over_the_original_text_and_a_lossy_tokenizer_is_marke
 
 def test_a_prompt_typed_decomposed_is_the_composed_text_the_model_knows(tmp_path):
     """'cafe' + U+0301 (as some keyboards and macOS file names give it) is 'café' after NFC, which prepare.py writes:
-    the char model knows it (before, U+0301 was named as an unknown character)."""
+    the char model knows it, in a prompt and in eval.py's --text (before, U+0301 was named an unknown character)."""
     from dataset import write_text_dataset
     from tokenizer import make_tokenizer
     text = ''.join(f'{i}: un café, deux cafés.\n' for i in range(200))
@@ -237,4 +237,7 @@ def test_a_prompt_typed_decomposed_is_the_composed_text_the_model_knows(tmp_path
     run('train.py', f'--dataset={data}', f'--out_dir={out}', *TINY_TRAIN, '--max_iters=2', '--eval_interval=2')
     proc = sample(out, 'un cafe\u0301', '--max_new_tokens=3', '--num_samples=1')
     assert proc.stdout.startswith('un caf\u00e9')
+    (tmp_path / 'decomposed.txt').write_text('un cafe\u0301, deux cafe\u0301s.\n' * 20, encoding='utf-8')
+    table = run('eval.py', f'--out_dir={out}', f'--text={tmp_path / "decomposed.txt"}', '--device=cpu').stdout
+    assert table.strip().splitlines()[1].split()[2] == f'{len("un café, deux cafés.") * 20 + 19:,}'  # NFC: one per é
     assert_clean_error(sample(out, 'un cafe\u0301', '--normalize=', '--num_samples=1', check=False), "'\u0301'")
