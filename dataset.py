@@ -202,6 +202,13 @@ def read_text(input_path, url, cache_path, encoding_errors='strict'):
 UNICODE_FORMS = ('NFC', 'NFKC', 'NFD', 'NFKD')
 
 
+def unicode_form(form):
+    """A normalize setting as normalize_unicode takes it ('nfc' is 'NFC', '' is none); DatasetError otherwise."""
+    if form.upper() not in UNICODE_FORMS + ('',):
+        raise DatasetError(f"normalize={form!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the text as it is")
+    return form.upper()
+
+
 def normalize_unicode(text, form='NFC'):
     """text in Unicode normal form `form` ('' leaves it as it is). NFC composes 'e' + U+0301 into 'é', so a
     character typed either way is the same token; most text already is NFC, and that check is cheap."""

@@ -27,8 +27,8 @@ import torch
 
 from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
-from dataset import (UNICODE_FORMS, DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta,
-                     normalize_unicode, open_split, sample_windows)
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta,
+                     normalize_unicode, open_split, sample_windows, unicode_form)
 from generate import generate_tokens
 from hf_gpt2 import HFError
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
@@ -70,8 +70,10 @@ if text and train_batches:
     fail('train_batches draws from a dataset split: it cannot be combined with --text')
 if batch_size < 1 or block_size < 0 or max_tokens < 0 or eval_iters < 0:
     fail('batch_size must be at least 1; block_size, max_tokens and eval_iters must not be negative')
-if normalize.upper() not in UNICODE_FORMS + ('',):
-    fail(f"normalize={normalize!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the text as it is")
+try:
+    normalize = unicode_form(normalize)
+except DatasetError as e:
+    fail(e)
 if samples < 0 or sample_tokens < 1 or not temperature > 0 or memorization_mb < 0:
     fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive')
 try:
@@ -116,7 +118,7 @@ def text_tokens(tokenizer):
             content = decode_utf8(f.read(), text, encoding_errors)
         except DatasetError as e:
             fail(e)
-    content = normalize_unicode(content, normalize.upper())
+    content = normalize_unicode(content, normalize)
     if drop_unknown:
         content = tokenizer.drop_unknown(content)
     try:
@@ -193,7 +195,7 @@ def like_train(model, folder, meta, cfg, name):
 def sample_figures(model, tokenizer, ckpt, entry):
     """The figures of `samples` samples of the model (sample_quality.quality, and its self-perplexity)."""
     try:
-        prompt = tokenizer.encode(normalize_unicode(start, normalize.upper())) or [tokenizer.eot_id or 0]
+        prompt = tokenizer.encode(normalize_unicode(start, normalize)) or [tokenizer.eot_id or 0]
     except TokenizerError as e:
         fail(f'--start for {entry}: {e}')
     n_new = min(sample_tokens, model.config.block_size - len(prompt))
@@ -203,22 +205,32 @@ def sample_figures(model, tokenizer, ckpt, entry):
         steps = list(generate_tokens(model, idx, n_new, temperature, 200, vocab_size=tokenizer.vocab_size))
     rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(samples)]
     rows = [r[:r.index(tokenizer.eot_id)] if tokenizer.eot_id in r else r for r in rows]  # a sample ends at end-of-text
-    train_ngrams = None  # copying is measured against the model's own training text, where it is at hand
-    name = dataset or (ckpt['config'].get('dataset') if ckpt else None)
-    if name:
-        try:
-            folder = dataset_dir(name)
-            meta = load_meta(folder)
-            if tokenizers_match(tokenizer.describe(), meta['tokenizer']):
-                train_ids = open_split(folder, 'train', meta)
-                n = int(memorization_mb * 1e6 / (bytes_per_token(meta, 'train') or 4))
-                train_ngrams = ngram_set(tokenizer.decode(np.asarray(train_ids[:n], dtype=np.int64)))
-        except DatasetError:
-            pass
+    figures = quality([tokenizer.decode(r) for r in rows], train_ngrams(tokenizer, ckpt))
     with ctx:
-        figures = quality([tokenizer.decode(r) for r in rows], train_ngrams)
         figures['self-perplexity'] = self_perplexity(model, prompt, rows)
     return figures
+
+
+train_ngram_sets = {}  # dataset folder -> its train text's 8-grams: decoded once for all the models trained on it
+
+
+def train_ngrams(tokenizer, ckpt):
+    """The 8-grams of the first memorization_mb MB of the model's training text, or None where it is not at hand."""
+    name = dataset or (ckpt['config'].get('dataset') if ckpt else None)
+    if not name:
+        return None
+    try:
+        folder = dataset_dir(name)
+        meta = load_meta(folder)
+        if not tokenizers_match(tokenizer.describe(), meta['tokenizer']):
+            return None
+        if folder not in train_ngram_sets:
+            n = int(memorization_mb * 1e6 / (bytes_per_token(meta, 'train') or 4))
+            ids = np.asarray(open_split(folder, 'train', meta)[:n], dtype=np.int64)
+            train_ngram_sets[folder] = ngram_set(tokenizer.decode(ids))
+    except DatasetError:
+        return None
+    return train_ngram_sets[folder]
 
 
 rows, lossy, figure_rows = [], False, []

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure, fail
-from dataset import UNICODE_FORMS, DatasetError, DatasetWriter, decode_utf8, normalize_unicode, token_dtype
+from dataset import DatasetError, DatasetWriter, decode_utf8, normalize_unicode, token_dtype, unicode_form
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -414,8 +414,10 @@ def check_settings():
         fail('num_proc must be >= 0, batch_mb > 0 and tokenizer_train_mb >= 0')
     if tokenizer == 'hf' and not tokenizer_name:
         fail('tokenizer=hf needs --tokenizer_name: a Hugging Face hub name or a local folder')
-    if normalize.upper() not in UNICODE_FORMS + ('',):
-        fail(f"normalize={normalize!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the text as it is")
+    try:
+        unicode_form(normalize)
+    except DatasetError as e:
+        fail(e)
 
 
 AUTO_VAL_BYTES = 100e3  # the val text an automatic val_fraction aims at: enough for a steady val loss
@@ -458,7 +460,7 @@ def main(argv=None):
     output = out_dir or default_out_dir()
     if os.path.exists(output) and not os.path.isdir(output):
         fail(f'out_dir {output} is a file: give a folder')
-    options = dict(clean_wiki=clean_wiki, unescape_html=unescape_html, normalize=normalize.upper(),
+    options = dict(clean_wiki=clean_wiki, unescape_html=unescape_html, normalize=unicode_form(normalize),
                    normalize_whitespace=normalize_whitespace, min_chars=min_chars, max_chars=max_chars)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     workers = num_proc or cores

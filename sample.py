@@ -20,7 +20,7 @@ import torch
 
 from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
-from dataset import UNICODE_FORMS, DatasetError, decode_utf8, normalize_unicode
+from dataset import DatasetError, decode_utf8, normalize_unicode, unicode_form
 from generate import check_controls, generate_text, use_decoding_layout
 from hf_gpt2 import HFError
 from runtime import autocast, resolve_device, resolve_dtype
@@ -53,8 +53,10 @@ compile = False  # torch.compile the model (slow to start, rarely worth it for s
 # -----------------------------------------------------------------------------
 configure(globals(), positional='start', aliases={'prompt': 'start'})
 
-if normalize.upper() not in UNICODE_FORMS + ('',):
-    fail(f"normalize={normalize!r}: use NFC, NFKC, NFD, NFKD, or '' to keep the prompt as typed")
+try:
+    normalize = unicode_form(normalize)
+except DatasetError as e:
+    fail(e)
 try:
     check_controls(temperature, top_k or None, top_p, repetition_penalty, num_beams, length_penalty,
                    max_new_tokens, num_samples)
@@ -98,7 +100,7 @@ block_size = model.config.block_size
 
 def encode_prompt(text):
     """The prompt's token ids; bad input ends the program with one line."""
-    text = normalize_unicode(text, normalize.upper())
+    text = normalize_unicode(text, normalize)
     try:
         ids = tokenizer.encode(text)
     except UnknownCharactersError as e:
