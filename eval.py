@@ -1,6 +1,6 @@
 """
-Evaluate models: loss, perplexity and bits per byte, on a prepared dataset's split or on any text file.
-Several models are compared side by side in one table.
+Evaluate models: loss, perplexity and bits per byte, on a prepared dataset's split or on any text file, or
+accuracy on a multiple-choice task. Several models are compared side by side in one table.
 
     python eval.py --out_dir=out-shakespeare-char                      # its own dataset's val.bin
     python eval.py --out_dir=out-shakespeare-char,out-other --text=sonnets.txt
@@ -8,6 +8,8 @@ Several models are compared side by side in one table.
     python eval.py --out_dir=out-shakespeare,gpt2 --dataset=shakespeare  # a fine-tune against its base
     python eval.py --out_dir=out-shakespeare-char --train_batches=True  # exactly the val loss train.py printed
     python eval.py --out_dir=out-a,out-b --samples=20                  # and the figures of 20 samples of each
+    python eval.py --out_dir=out-a,gpt2 --task=hellaswag --shots=10    # multiple-choice accuracy instead of the loss
+    python eval.py --out_dir=out-a --task=data/tasks/shakespeare_mc.jsonl  # a task of your own, one JSON item a line
 
 By default every token of the split (or file) is scored once: the tokens are cut into consecutive windows
 of block_size, so a token is predicted from the earlier tokens of its window. train_batches=True instead
@@ -17,6 +19,9 @@ block_size), which reproduces the loss it reported for the checkpoint. Bits per 
 came from, so models with different tokenizers compare fairly; a lossy tokenizer's figure (word: whitespace
 dropped, <unk>) is marked, as it is not charged for what it drops. Loss and perplexity are over the tokenizer's
 vocabulary (a checkpoint's padding rows get no probability).
+
+--task scores a multiple-choice task instead (multiple_choice.py says how): accuracy by summed log-likelihood
+(acc), per character (acc_norm) and per token (acc_token), each with its standard error, and chance beside them.
 """
 import math
 import os
@@ -31,6 +36,7 @@ from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, 
                      normalize_unicode, open_split, sample_windows, unicode_form)
 from generate import generate_tokens
 from hf_gpt2 import HFError
+from multiple_choice import TaskError, accuracies, choice_logprobs, encode_pair, fewshot_context, load_task
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
 from sample_quality import ngram_set, quality, self_perplexity
 from tokenizer import TokenizerError, load_tokenizer, tokenizers_match
@@ -56,7 +62,12 @@ sample_tokens = 200  # tokens per sample (at most the model's block_size, with t
 start = '\n'  # the samples' prompt
 temperature = 0.8  # the samples' temperature (top_k 200, as sample.py)
 memorization_mb = 10.0  # copied 8-grams are looked up in the first this many MB of the model's training text
-seed = 1337  # the same seed gives the same samples
+task = ''  # multiple-choice accuracy instead of the loss: a JSONL file ({"context", "choices", "label"} a line), or hellaswag, arc_easy, piqa (through `datasets`)
+task_split = ''  # a named task's split; '' is the one lm-evaluation-harness reports (hellaswag, piqa: validation; arc_easy: test)
+shots = 0  # k-shot: solved examples before each item, drawn by seed from the task's train split (a JSONL task: its other items)
+shots_from = ''  # a JSONL file to draw the shots from instead
+max_examples = 0  # score only the task's first max_examples items; 0 scores them all
+seed = 1337  # the same seed gives the same samples and the same k-shot prompts
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
@@ -74,6 +85,12 @@ try:
     normalize = unicode_form(normalize)
 except DatasetError as e:
     fail(e)
+if task and (text or dataset or train_batches):
+    fail('--task scores a multiple-choice task instead of the loss: drop --text, --dataset and --train_batches')
+if shots < 0 or max_examples < 0:
+    fail('shots and max_examples must not be negative')
+if (task_split or shots_from) and not task:
+    fail('task_split and shots_from go with --task')
 if samples < 0 or sample_tokens < 1 or not temperature > 0 or memorization_mb < 0:
     fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive')
 try:
@@ -89,7 +106,7 @@ if not entries:
     fail('no model given: pass --out_dir=FOLDER or --init_from=gpt2')
 
 
-if not text and not dataset:
+if not text and not dataset and not task:
     for entry in entries:
         if is_hf_source(entry):
             fail(f'{entry} was not trained here, so it has no dataset of its own: pass --dataset=NAME or --text=FILE')
@@ -233,9 +250,8 @@ def train_ngrams(tokenizer, ckpt):
     return train_ngram_sets[folder]
 
 
-rows, lossy, figure_rows = [], False, []
-for entry in entries:
-    model, tokenizer, ckpt = load(entry)
+def loss_row(model, tokenizer, ckpt, entry):
+    """(entry, data, tokens, loss, perplexity, bits/byte) of one model on the text or dataset split."""
     if text:
         source = text
         ids, bpt = text_tokens(tokenizer)
@@ -260,19 +276,99 @@ for entry in entries:
         loss = total / n
     bpb = f'{bits_per_byte(loss, bpt):.4f}' if bpt else 'n/a'
     if not tokenizer.lossless:
-        bpb += '*'
-        lossy = True
-    rows.append((entry, source, n, loss, math.exp(loss), bpb))
+        bpb += '*'  # see the note under the table
+    return entry, source, n, loss, math.exp(loss), bpb
+
+
+def normalized(item):
+    """A task item in the Unicode form prepare.py gives corpora, so it reads like the text the model was trained on."""
+    return item._replace(context=normalize_unicode(item.context, normalize),
+                         choices=[normalize_unicode(c, normalize) for c in item.choices])
+
+
+def task_prompts():
+    """The task's items to score (the first max_examples) and each one's context after its k-shot examples: built
+    once, so every model is asked the same."""
+    try:
+        items, pool = load_task(task, task_split, shots, shots_from)
+        items = [normalized(item) for item in items]
+        pool = None if pool is None else [normalized(item) for item in pool]
+        scored = items[:max_examples or len(items)]
+        return scored, [fewshot_context(items, pool, i, shots, seed) for i in range(len(scored))]
+    except TaskError as e:
+        fail(e)
+
+
+def task_row(model, tokenizer, entry):
+    """(entry, task, n, shots, accuracies(...)) of one model on the task."""
+    items, contexts = task_items, task_contexts
+    pairs = []
+    for i, (item, context) in enumerate(zip(items, contexts)):
+        context = tokenizer.drop_unknown(context) if drop_unknown else context
+        for choice in item.choices:
+            choice = tokenizer.drop_unknown(choice) if drop_unknown else choice
+            try:
+                pairs.append(encode_pair(tokenizer, context, choice))
+            except (TaskError, TokenizerError) as e:
+                fail(f'{task} item {i + 1} for {entry}: {e}')
+    top = max(max(c + ch) for c, ch in pairs)
+    if top >= model.config.vocab_size:
+        fail(f'{task} encodes to token id {top}, outside the vocabulary of {entry} ({model.config.vocab_size})')
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(pairs), unit='choice', desc=entry, leave=False, file=sys.stderr, dynamic_ncols=True)
+    block = min(block_size or model.config.block_size, model.config.block_size)
+    try:
+        with ctx:
+            flat = choice_logprobs(model, pairs, block, batch_size, tokenizer.vocab_size, device, bar)
+    except TaskError as e:
+        fail(f'{task} for {entry}: {e}')
+    if bar is not None:
+        bar.close()
+    scores, counts, k = [], [], 0
+    for item in items:
+        scores.append(flat[k:k + len(item.choices)])
+        counts.append([len(ch) for _, ch in pairs[k:k + len(item.choices)]])
+        k += len(item.choices)
+    return entry, task, len(items), shots, accuracies(items, scores, counts)
+
+
+if task:
+    task_items, task_contexts = task_prompts()
+rows, task_rows, figure_rows = [], [], []
+for entry in entries:
+    model, tokenizer, ckpt = load(entry)
+    if task:
+        task_rows.append(task_row(model, tokenizer, entry))
+    else:
+        rows.append(loss_row(model, tokenizer, ckpt, entry))
     if samples:
         figure_rows.append((entry, sample_figures(model, tokenizer, ckpt, entry)))
     del model
 
-headers = ('model', 'data', 'tokens', 'loss', 'perplexity', 'bits/byte')
-cells = [headers] + [(e, s, f'{n:,}', f'{loss:.4f}', f'{ppl:.3f}', bpb) for e, s, n, loss, ppl, bpb in rows]
-widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-for row in cells:
-    print('  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-if lossy:
+
+def print_table(cells, left):
+    """Rows of strings in columns, the first `left` of them left-aligned."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        print('  '.join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def with_error(figure):
+    """A (mean, standard error) pair as 'mean ± error' (one item has no error)."""
+    mean, stderr = figure
+    return f'{mean:.4f} ± {stderr:.4f}' if not math.isnan(stderr) else f'{mean:.4f}'
+
+
+if rows:
+    print_table([('model', 'data', 'tokens', 'loss', 'perplexity', 'bits/byte')] + [
+        (e, s, f'{n:,}', f'{loss:.4f}', f'{ppl:.3f}', bpb) for e, s, n, loss, ppl, bpb in rows], 2)
+if task_rows:
+    print_table([('model', 'task', 'items', 'shots', 'acc', 'acc_norm', 'acc_token', 'chance')] + [
+        (e, t, f'{n:,}', str(k), with_error(f['acc']), with_error(f['acc_norm']), with_error(f['acc_token']),
+         f"{f['chance']:.4f}") for e, t, n, k, f in task_rows], 2)
+if any(bpb.endswith('*') for *_, bpb in rows):
     print('* a lossy tokenizer (word: whitespace dropped, unknown words as <unk>): its loss leaves out what it drops, '
           'so its bits per byte do not compare with other tokenizers')
 if figure_rows:
@@ -281,7 +377,5 @@ if figure_rows:
     for entry, figures in figure_rows:
         cells.append((entry, str(samples), *('n/a' if figures[k] is None else f'{figures[k]:.3f}' if isinstance(
             figures[k], float) else str(figures[k]) for k in names)))
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     print()
-    for row in cells:
-        print('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print_table(cells, 1)
