@@ -5,6 +5,7 @@ cleaned, deduplicated, split into train and val by document, and tokenised with 
     python prepare.py --input=book.txt                          # a BPE trained on it -> data/book
     python prepare.py --input=texts/ --tokenizer=tiktoken       # GPT-2's BPE, one document per file
     python prepare.py config/prepare_pt_wiki_bpe.py             # a corpus's settings in a config file
+    python prepare.py --input=texts/ --topic_labels=texts/topics.jsonl --max_per_topic=500   # see classify_topics.py
     python train.py --dataset=book                              # the tokenizer comes from the dataset
 
 Documents stream through in batches. Worker processes clean and tokenise them; this process drops exact
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from configurator import configure, fail
 from dataset import DatasetError, DatasetWriter, decode_utf8, normalize_unicode, token_dtype, unicode_form
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
+from topics import TopicsError, cap_per_topic, read_labels
 
 # -----------------------------------------------------------------------------
 # input: text files, or a Hugging Face dataset
@@ -44,6 +46,9 @@ input = ''  # a text file, or a folder: every file in it (and below) matching in
 input_glob = '*.txt'  # which files of an input folder to read
 document = ''  # what one document of a text input is: 'file', 'paragraph' (blank-line separated) or 'line'; '' = 'file' for a folder, 'paragraph' for a file
 encoding_errors = 'strict'  # 'replace' turns bytes that are not UTF-8 into U+FFFD instead of stopping
+topic_labels = ''  # a folder input: a file of each document's topic (classify_topics.py's topics.jsonl, synthesize.py's manifest.jsonl)
+max_per_topic = 0  # with topic_labels: keep at most this many documents of each topic (unlabelled ones all stay); 0: all
+topic_seed = 0  # with max_per_topic: which of a topic's documents are kept (a seeded hash of their paths)
 hf_dataset = ''  # a Hugging Face dataset: a hub name ('google/wiki40b') or a local folder
 hf_config = ''  # the dataset's configuration, if it has several ('ru')
 hf_split = 'train'  # which of its splits to read
@@ -152,6 +157,21 @@ def input_files(path, pattern):
     if not files:
         raise DatasetError(f'no files matching {pattern} in {path}: set --input_glob (e.g. --input_glob="*.md")')
     return files
+
+
+def balance_topics(files):
+    """The files left once each topic keeps at most max_per_topic of them; prints how many each topic kept."""
+    try:
+        labels = read_labels(topic_labels)
+    except TopicsError as e:
+        fail(e)
+    kept, counts, unlabelled = cap_per_topic(files, labels, max_per_topic or len(files), topic_seed, input)
+    if not counts:
+        fail(f'{topic_labels} labels none of the {len(files):,} files in {input}: label this folder with '
+             f'classify_topics.py --input={input}')
+    print('documents per topic, kept of all: ' + ', '.join(f'{topic} {k:,} of {n:,}' for topic, (n, k) in counts.items())
+          + (f'; {unlabelled:,} without a topic, all kept' if unlabelled else ''))
+    return kept
 
 
 def _line_chunks(f):
@@ -412,6 +432,10 @@ def check_settings():
         fail(f'min_chars={min_chars}, max_chars={max_chars}: need 1 <= min_chars <= max_chars (max_chars=0: no limit)')
     if num_proc < 0 or batch_mb <= 0 or tokenizer_train_mb < 0:
         fail('num_proc must be >= 0, batch_mb > 0 and tokenizer_train_mb >= 0')
+    if topic_labels and (not os.path.isdir(input) or document not in ('', 'file')):
+        fail('topic_labels needs a folder --input with one document per file (the labels name files)')
+    if max_per_topic < 0 or (max_per_topic and not topic_labels):
+        fail(f'max_per_topic={max_per_topic} needs --topic_labels=FILE (from classify_topics.py) and must not be negative')
     if tokenizer == 'hf' and not tokenizer_name:
         fail('tokenizer=hf needs --tokenizer_name: a Hugging Face hub name or a local folder')
     try:
@@ -479,6 +503,8 @@ def main(argv=None):
             files = input_files(input, input_glob)
         except DatasetError as e:
             fail(e)
+        if topic_labels:
+            files = balance_topics(files)
         unit = document or ('file' if os.path.isdir(input) else 'paragraph')
         source = f'{input} ({len(files)} file{"s" * (len(files) > 1)}, one document per {unit})'
         total, bar_unit = sum(os.path.getsize(f) for f in files), 'B'
