@@ -45,13 +45,13 @@ top_p = 0.95  # nucleus sampling: keep the most likely tokens that make up this 
 top_k = 0  # keep only the k most likely tokens (0: all)
 near_duplicate = 0.5  # drop a document sharing at least this share of its word 5-grams (Jaccard) with an earlier one; 0: exact duplicates only
 batch_size = 8  # documents generated at once
-seed = 1337
+seed = 1337  # each batch samples with a seed drawn from this and its number
 device = 'auto'  # auto, cpu, cuda, cuda:N or mps
 dtype = 'auto'  # auto (bfloat16 on recent GPUs, float32 on CPUs), float32, bfloat16 or float16
 # -----------------------------------------------------------------------------
 
-MANIFEST = 'manifest.jsonl'
-SHINGLE = 5  # words per n-gram of the near-duplicate check
+_MANIFEST = 'manifest.jsonl'
+_SHINGLE = 5  # words per n-gram of the near-duplicate check
 
 
 class Duplicates:
@@ -59,7 +59,7 @@ class Duplicates:
     n-grams overlap the text's by a Jaccard similarity of at least threshold. An index from n-gram to documents
     makes each check cost what the text's n-grams share, not one comparison per document kept."""
 
-    def __init__(self, threshold, n=SHINGLE):
+    def __init__(self, threshold, n=_SHINGLE):
         self.threshold, self.n = threshold, n
         self.exact = {}  # hash of the text's words -> name
         self.index = collections.defaultdict(list)  # n-gram -> numbers of the documents holding it
@@ -191,7 +191,7 @@ def resume(records, jobs, name, prompts):
     for job in jobs:  # a changed topics file or template would mix two corpora under one set of names
         r = recorded.get(name[job])
         if r is not None and r['prompt'] != prompts[job[0]][1]:
-            fail(f"{out_dir}/{MANIFEST} has {r['file']} from the prompt {r['prompt']!r}, not {prompts[job[0]][1]!r}: "
+            fail(f"{out_dir}/{_MANIFEST} has {r['file']} from the prompt {r['prompt']!r}, not {prompts[job[0]][1]!r}: "
                  f"the topics or documents changed; resume with the same ones, or use another --out_dir")
     duplicates = Duplicates(near_duplicate)
     for r in records:
@@ -215,7 +215,7 @@ def main(argv=None):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f'out_dir {out_dir} is a file: give a folder')
     os.makedirs(out_dir, exist_ok=True)
-    manifest = os.path.join(out_dir, MANIFEST)
+    manifest = os.path.join(out_dir, _MANIFEST)
     try:
         records = settings_of(read_records(manifest), manifest, settings)
     except TopicsError as e:
