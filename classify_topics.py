@@ -72,6 +72,7 @@ def main(argv=None):
     if len(topic_list) < 2:
         fail(f'{topics} holds one topic: classifying needs two or more')
     out = labels or os.path.join(input, 'topics.jsonl')
+    files = [path for path in files if os.path.abspath(path) != os.path.abspath(out)]  # (with --input_glob='*')
     settings = dict(model=model, topics=topic_list, hypothesis_template=hypothesis_template, chars=chars)
     try:
         records = settings_of(read_records(out), out, settings)
