@@ -75,9 +75,10 @@ def lock_out_dir(out_dir):
     return f
 
 
-def model_state(model):
-    """The weights to save: contiguous tensors, a tied head stored once (as the embedding)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def model_state(model, weights=None):
+    """The weights to save (model's, or weights: its state_dict gathered from shards): contiguous tensors, a tied
+    head stored once (as the embedding)."""
+    state = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()}
     if model.config.tie_weights:
         state.pop('lm_head.weight', None)
     return state
@@ -88,9 +89,8 @@ def save_tensors(path, tensors):
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
-def _split_optimizer_state(optimizer):
-    """Optimizer state as (tensors for safetensors, everything else for JSON)."""
-    state = optimizer.state_dict()
+def _split_optimizer_state(state):
+    """An optimizer's state_dict as (tensors for safetensors, everything else for JSON)."""
     tensors, scalars = {}, {}
     for pid, param_state in state['state'].items():
         for name, value in param_state.items():
@@ -162,13 +162,14 @@ def _named_files(out_dir):
 
 
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_args, config, tokenizer,
-                    training_state=None, ranks=None, best=False):
-    """training_state: whatever else, JSON-able, an exact resume needs (the loss scale). ranks: what each
+                    training_state=None, ranks=None, best=False, weights=None, optimizer_state=None):
+    """weights, optimizer_state: model's state_dict and optimizer's, when gathered from shards (FSDP) rather
+    than read from them here. training_state: whatever else, JSON-able, an exact resume needs (the loss scale). ranks: what each
     process needs to continue exactly, rank 0 first: dicts of its random generators' states, tensors (its
     torch generators, into the optimizer file) or JSON-able values (its batch sampler). By default this
     process's rng_state(). best: these weights have the best val loss so far (best.json names them too).
     Raises CheckpointError, and writes nothing, if a weight is not finite."""
-    state = model_state(model)
+    state = model_state(model, weights)
     bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f'not saving iteration {iter_num}: {bad[0]} (and {len(bad) - 1} more) hold NaN or inf; '
@@ -176,7 +177,9 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_ar
     os.makedirs(out_dir, exist_ok=True)
     taken = _named_files(out_dir)
     model_file, optimizer_file = _unused_name('model', iter_num, taken), _unused_name('optimizer', iter_num, taken)
-    opt_tensors, opt_json = ({}, None) if optimizer is None else _split_optimizer_state(optimizer)
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+    opt_tensors, opt_json = ({}, None) if optimizer_state is None else _split_optimizer_state(optimizer_state)
     rank_json = []
     for rank, rank_state in enumerate(ranks or [rng_state()]):
         rank_json.append({k: v for k, v in rank_state.items() if not torch.is_tensor(v)})
@@ -322,9 +325,10 @@ def _load_checkpoint_model(out_dir, device='cpu', name=CHECKPOINT_NAME, **overri
     return model.to(device), ckpt
 
 
-def load_training_state(out_dir, ckpt, optimizer):
+def load_training_state(out_dir, ckpt, optimizer, to_shards=None):
     """Restore the optimizer's state (moments, momentum buffers, step counts) into optimizer, keeping the
     settings it was built with (learning rates, betas, weight decay, momentum): a resumed run may change them.
+    to_shards(optimizer, state): cuts the saved full state into this process's shards (FSDP), if given.
     Returns what each process saved to continue exactly (see save_checkpoint's ranks), rank 0 first."""
     if 'optimizer_file' not in ckpt:
         raise CheckpointError(f'{out_dir}/{CHECKPOINT_NAME} names no optimizer file: it cannot be resumed, only sampled')
@@ -334,7 +338,8 @@ def load_training_state(out_dir, ckpt, optimizer):
     try:
         if ckpt.get('optimizer') is not None:
             settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-            optimizer.load_state_dict(_join_optimizer_state(tensors, ckpt['optimizer']))
+            state = _join_optimizer_state(tensors, ckpt['optimizer'])
+            optimizer.load_state_dict(to_shards(optimizer, state) if to_shards else state)
             for group, setting in zip(optimizer.param_groups, settings):
                 group.update(setting)
         if 'ranks' not in saved:  # written before every process saved its own state: one process, rank 0's

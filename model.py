@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'relu2', 'silu', 'swiglu')
 POSITIONS = ('learned', 'rotary')
@@ -212,6 +213,10 @@ class GPT(nn.Module):
                     torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.zero_init_proj and not config.tie_weights:
             torch.nn.init.zeros_(self.lm_head.weight)
+        # a training switch, not part of the architecture: keep only each block's input from the forward pass
+        # and recompute the block's activations during backward (a block's worth of memory instead of all of
+        # them, for about a third more compute), for long contexts or large batches
+        self.activation_checkpointing = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -247,7 +252,10 @@ class GPT(nn.Module):
             rotary = rotary_tables(self.config.n_embd // self.config.n_head, positions, self.config.rope_base)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rotary, cache)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rotary, cache, use_reentrant=False)  # the recompute replays dropout's draws
+            else:
+                x = block(x, rotary, cache)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T

@@ -13,6 +13,7 @@ import inspect
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
@@ -53,8 +54,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
     round-trip exactly (checkpoint resume).
 
     Under DDP no extra communication is needed: DDP has already all-reduced (averaged) the gradients,
-    so every rank computes the identical update from identical params, grads and state. Gradient
-    accumulation works too, since step() only reads the accumulated .grad.
+    so every rank computes the identical update from identical params, grads and state. Under FSDP a process
+    holds rows of each matrix only, and orthogonalising needs the whole matrix: the momentum stays sharded,
+    the update is gathered, every process orthogonalises it and keeps its own rows. (modded-nanogpt and
+    nanochat instead give each process its share of the matrices and gather the results; gathering each
+    matrix is simpler, at the price of every process repeating the Newton-Schulz work of every matrix.)
+    AdamW's rule is elementwise, so it runs on shards as they are. Gradient accumulation works too, since
+    step() only reads the accumulated .grad.
     """
 
     muon_defaults = dict(momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0)
@@ -106,14 +112,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
             # nesterov: look ahead along the momentum. (Keller's code uses the EMA form buf.lerp_(g, 1-momentum),
             # which only rescales the update by (1-momentum); the orthogonalisation removes that scale.)
             update = g.add(buf, alpha=momentum) if group['nesterov'] else buf
+            if isinstance(update, DTensor):  # FSDP: this process's rows of it; orthogonalise the whole
+                update = update.full_tensor()
             # conv-style weights (>2-D) are treated as (out, in * kernel) matrices; a stack of `parts` matrices (the
             # fused query/key/value projection) as a batch of them, each orthogonalised on its own
             update = update.reshape(parts, update.size(0) // parts, -1)
             update = zeropower_via_newtonschulz5(update, steps=group['ns_steps'])
             # an orthogonal update has RMS ~ 1/sqrt(max(rows, cols)); this keeps tall matrices' RMS comparable
             update *= max(1, update.size(-2) / update.size(-1)) ** 0.5
+            update = update.reshape(p.shape)
+            if isinstance(p, DTensor):  # every process has the whole update: each keeps its rows, no scatter
+                update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
             p.mul_(1 - lr * wd)  # decoupled weight decay, as in AdamW
-            p.add_(update.reshape(p.shape), alpha=-lr)
+            p.add_(update, alpha=-lr)
 
     def _adamw_step(self, group):
         lr, (beta1, beta2), eps, wd = group['lr'], group['betas'], group['eps'], group['weight_decay']

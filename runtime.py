@@ -1,6 +1,7 @@
 """
 Where and in what precision the scripts run: one rule for train.py, sample.py, eval.py and the benchmarks.
 """
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -88,3 +89,20 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def peak_memory_mib(device):
+    """This process's peak memory in MiB: on CUDA what PyTorch's allocator held at most, elsewhere the peak resident
+    memory of the whole process (Python and PyTorch included, ~0.3 GiB); None where unknown."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # Linux: VmHWM is this process's own peak (ru_maxrss can include what a vfork parent had)
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmHWM:'))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == 'darwin' else 1024)

@@ -9,6 +9,8 @@ Distributed data parallel on 4 GPUs of one node, or on 2 nodes of 8 GPUs each:
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 train.py config/x.py
     (and --node_rank=1 on the second node; add NCCL_IB_DISABLE=1 without Infiniband)
 
+A model whose training state does not fit one GPU: the same commands with --parallel=fsdp (parallel.py).
+
 `python train.py --help` lists every setting.
 """
 import dataclasses
@@ -22,7 +24,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
-from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
 from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, read_checkpoint, rng_state,
@@ -34,9 +36,8 @@ from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
-from tqdm import tqdm
-
-from runtime import autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
+from parallel import PARALLEL, full_state, full_tensor, grad_scaler, replicate, shard, shard_optimizer_state
+from runtime import autocast, batch_to_device, mfu, peak_flops, peak_memory_mib, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
 
 # -----------------------------------------------------------------------------
@@ -100,6 +101,8 @@ device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1'
 dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
 compile = None  # torch.compile the model: None means on for CUDA only
 backend = 'nccl'  # distributed backend on GPU (CPU processes always use gloo)
+parallel = 'ddp'  # under torchrun: 'ddp' (a whole copy of the model per process) or 'fsdp' (each process holds 1/N of the weights, gradients and optimizer state: for models too large for one GPU)
+activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory (long contexts, large batches), about a third more compute
 seed = 1337
 threads = 0  # CPU threads for torch, 0 leaves torch's default
 # every other GPTConfig field is a setting too, with the model's default (the vocabulary comes from the data)
@@ -137,7 +140,8 @@ def check_settings():
             fail(f'{key}={config[key]} must be in [0, 1)')
     try:  # choices in any case ('ReLU' is 'relu'), and the model's settings, before anything is built or written
         for key, allowed in (('activation', ACTIVATIONS), ('position', POSITIONS), ('norm', NORMS),
-                             ('optimizer', ('adamw', 'muon')), ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
+                             ('optimizer', ('adamw', 'muon')), ('dtype', ('auto', 'float32', 'bfloat16', 'float16')),
+                             ('parallel', PARALLEL)):
             choose(config, key, allowed)
         GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config})
     except (ConfigError, ValueError) as e:
@@ -176,6 +180,9 @@ else:
     master_process = True
     ddp_rank = 0
     ddp_world_size = 1
+    if parallel == 'fsdp':
+        print('note: parallel=fsdp shards the model over the processes torchrun starts; one process trains it whole')
+fsdp = ddp and parallel == 'fsdp'  # else DDP, under torchrun
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f'tokens per iteration will be: {tokens_per_iter:,}')
@@ -242,7 +249,11 @@ if init_from == 'scratch':
     if master_process:
         print('Initializing a new model from scratch')
     try:
-        model = GPT(GPTConfig(**model_args))
+        # every process builds the same model, from rank 0's seed: FSDP keeps a slice of each process's copy, which
+        # must be slices of one model (DDP broadcasts rank 0's). Each process's dropout stream stays its own
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GPT(GPTConfig(**model_args))
     except ValueError as e:
         fail(e)
 else:
@@ -282,18 +293,29 @@ else:
                    if key != 'init_from' and key in config and config[key] != value]
         if changed and master_process:
             print(f"resuming with changed settings: {', '.join(changed)}")
-model.to(device)
-model.train()  # in every process (only the master evaluates, and its evaluation switches back on its own)
+model.activation_checkpointing = activation_checkpointing
+model.train()  # in every process (a sample or an evaluation switches back on its own)
+raw_model = model
+if fsdp:
+    if compile:
+        # each block on its own, in place (as torchtitan does): FSDP's gathers between the blocks stay outside
+        # the compiled graphs, and parameter names do not change
+        for block in model.transformer.h:
+            block.compile()
+    # before the optimizer is built, which must hold the shards; the model moves to the device shard by shard
+    shard(model, device_type, ddp_world_size, dtype)
+else:
+    model.to(device)
 
 # a GradScaler is needed for float16 only: it is a no-op when disabled
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+scaler = grad_scaler(device_type, dtype == 'float16', sharded=fsdp)
 
 # the optimizer setting names the kind (adamw or muon); optim is the optimizer itself
 optim = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
                              muon_momentum)
 if resumed is not None:
     try:
-        saved_ranks = load_training_state(out_dir, resumed, optim)
+        saved_ranks = load_training_state(out_dir, resumed, optim, to_shards=shard_optimizer_state if fsdp else None)
     except CheckpointError as e:
         fail(e)
     # each process takes back its own batch sampler and random generators, so the run continues as if never stopped
@@ -311,33 +333,38 @@ if resumed is not None:
     if resumed['training_state'].get('scaler'):
         scaler.load_state_dict(resumed['training_state']['scaler'])
 
-raw_model = model
-if compile:
-    if master_process:
-        print('compiling the model... (takes a ~minute)')
+if compile and master_process:
+    print('compiling the model... (takes a ~minute)')
+if compile and not fsdp:
     model = torch.compile(model)
-if ddp:
-    # no buffer broadcasts: the only buffers (rotary tables) are constants, and a broadcast in the master's
-    # evaluation forward would meet no partner in the other processes (gloo aborts, NCCL hangs)
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+if ddp and not fsdp:
+    model = replicate(model, device_type, ddp_local_rank)
 
 
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches of each split. The batches come from a generator seeded the
     same way every time: evaluations are comparable across iterations and do not disturb training's
-    random stream."""
+    random stream. Several processes share the work: all draw the same batches, each scores every
+    world_size-th, and the sum of their lists (each entry one process's loss, zeros elsewhere) gives every
+    process exactly the figures one process would have computed."""
     out = {}
     model.eval()
+    rounds = math.ceil(eval_iters / ddp_world_size)
     for split in ('train', 'val'):
-        rng = np.random.default_rng([seed, ddp_rank, 1 if split == 'val' else 0])
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        rng = np.random.default_rng([seed, 0, 1 if split == 'val' else 0])
+        losses = torch.zeros(rounds * ddp_world_size, device=device)
+        for k in range(rounds * ddp_world_size):
             X, Y = get_batch(split, rng)
-            with ctx:
-                _, loss = model(X, Y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            # under FSDP every forward is a collective (each process lends its shards), so all processes run
+            # as many: a batch past eval_iters is scored and dropped
+            if k % ddp_world_size == ddp_rank and (k < eval_iters or fsdp):
+                with ctx:
+                    _, loss = model(X, Y)
+                losses[k] = loss.float()
+        if ddp:
+            torch.distributed.all_reduce(losses)
+        out[split] = losses.cpu()[:eval_iters].mean().item()
     model.train()
     return out
 
@@ -412,27 +439,35 @@ signal.signal(signal.SIGTERM, request_stop)
 
 
 def say(line):
-    """Print a line of the log; above the progress bar, when there is one."""
+    """Print a line of the log (the master's); above the progress bar, when there is one."""
+    if not master_process:
+        return
     if bar is not None:
         bar.write(line)
     else:
         print(line, flush=True)
 
 
-def save(rank_states, best=False):
-    """Write a checkpoint of this iteration (the master; rank_states from gather_rank_states); best: its val loss
-    is the best so far, so sample.py and eval.py will read it (best.json)."""
+def save(best=False):
+    """Write a checkpoint of this iteration; best: its val loss is the best so far, so sample.py and eval.py will
+    read it (best.json). Every process calls it at the same iteration: each sends the master what it needs to
+    continue, and under FSDP its shards; the master writes."""
     global last_saved_iter, best_saved_iter
+    rank_states = gather_rank_states()
+    weights, optimizer_state = full_state(model, optim, keep=master_process) if fsdp else (None, None)
+    last_saved_iter = iter_num
+    best_saved_iter = iter_num if best else best_saved_iter
+    if not master_process:
+        return
     say(f"saving checkpoint to {out_dir} (iteration {iter_num}{', the best so far' if best else ''})")
     try:
         save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config, meta['tokenizer'],
-                        dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best), rank_states, best)
+                        dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best), rank_states, best,
+                        weights=weights, optimizer_state=optimizer_state)
     except CheckpointError as e:
         fail(e)
     except OSError as e:
         fail(f'cannot save a checkpoint in {out_dir}: {e.strerror}; the previous checkpoint there is intact')
-    last_saved_iter = iter_num
-    best_saved_iter = iter_num if best else best_saved_iter
 
 
 def draw_sample():
@@ -480,14 +515,13 @@ while True:
     evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                              and (iter_num != start_iter or init_from != 'resume'))
     finished = False  # the target val loss was reached, or early stopping ends the run
-    rank_states = gather_rank_states() if evaluate and iter_num > 0 and not eval_only else None
-    if evaluate and master_process:
-        losses = estimate_loss()
+    if evaluate:
+        losses = estimate_loss()  # in every process, which all get the same figures, and so take the same decisions
         bpb = f", val bits/byte {bits_per_byte(losses['val'], val_bytes_per_token):.4f}{lossy_note}" if val_bytes_per_token else ''
         say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged('the evaluated loss')
-        if wandb_log:
+        if wandb_log and master_process:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * learning_rate, 'mfu': running_mfu * 100})
         if metrics:
             val_bpb = bits_per_byte(losses['val'], val_bytes_per_token) if val_bytes_per_token else None
@@ -495,15 +529,15 @@ while True:
                         val_bits_per_byte=val_bpb)
             if plot and time.time() - last_plot >= 30:
                 redraw_plot()
-        if sample_interval and iter_num % sample_interval == 0:
-            draw_sample()
+        if sample_interval and iter_num % sample_interval == 0 and (master_process or fsdp):
+            draw_sample()  # under FSDP the forward passes need every process's shards
         improved = losses['val'] < best_val_loss
         evals_since_best = 0 if improved else evals_since_best + 1
         autosave = save_interval and iter_num % save_interval == 0
         if improved or always_save_checkpoint or autosave:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                save(rank_states, best=improved)
+                save(best=improved)
         gap = losses['val'] - losses['train']
         if target_val_loss > 0 and losses['val'] <= target_val_loss:
             finished = True
@@ -515,11 +549,6 @@ while True:
             finished = True
             say(f'early stop at step {iter_num}: val loss exceeds train loss by {gap:.4f}, more than '
                   f'max_overfit_gap={max_overfit_gap} (overfitting)')
-    if evaluate and ddp and (target_val_loss or patience or max_overfit_gap):
-        # only the master evaluates: it tells the others whether to stop
-        flag = torch.tensor([float(finished)], device=device)
-        torch.distributed.broadcast(flag, 0)
-        finished = bool(flag.item())
     if finished:
         break
     if eval_only:
@@ -530,8 +559,9 @@ while True:
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     # and using the GradScaler if data type is float16
     for micro_step in range(gradient_accumulation_steps):
-        # under DDP, gradients are averaged across processes on the last micro step only
-        sync = not ddp or micro_step == gradient_accumulation_steps - 1
+        # under DDP, gradients are averaged across processes on the last micro step only; FSDP reduce-scatters
+        # every micro step's, so that no process ever holds whole gradients (the memory FSDP is for)
+        sync = not ddp or fsdp or micro_step == gradient_accumulation_steps - 1
         with nullcontext() if sync else model.no_sync():
             with ctx:
                 _, loss = model(X, Y)
@@ -542,7 +572,7 @@ while True:
             scaler.scale(loss).backward()
     # clip the gradient (or only measure its norm, with grad_clip 0), unscaled first if training in fp16
     scaler.unscale_(optim)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf')))
     # step the optimizer and scaler if training in fp16
     scaler.step(optim)
     scaler.update()
@@ -585,13 +615,10 @@ while True:
     if unhealthy:
         diverged('the loss' if not torch.isfinite(loss.detach()) else 'the gradient norm')
     if save_interval and iter_num % save_interval == 0 and iter_num % eval_interval and iter_num != max_iters and not stop:
-        rank_states = gather_rank_states()  # an autosave between evaluations (an evaluation saves at its own iteration)
-        if master_process:
-            save(rank_states)
+        save()  # an autosave between evaluations (an evaluation saves at its own iteration)
     if stop:
-        rank_states = gather_rank_states()
+        save()
         if master_process:
-            save(rank_states)
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal to another process'
             print(f'stopped by {name} at iteration {iter_num}, checkpoint saved: continue with --init_from=resume '
                   f'--out_dir={out_dir}', file=sys.stderr, flush=True)
@@ -609,8 +636,14 @@ if metrics and plot:
 if master_process and best_saved_iter is not None and best_saved_iter != last_saved_iter:
     print(f'the best checkpoint (iteration {best_saved_iter}, val loss {best_val_loss:.4f}) is what sample.py and eval.py '
           f'read; --init_from=resume continues from the latest (iteration {last_saved_iter})')
-if master_process and device_type == 'cuda':
-    print(f'peak memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB')
+if ddp:  # every process's: what DDP and FSDP differ in (bench_memory.py)
+    peaks = [None] * ddp_world_size
+    torch.distributed.all_gather_object(peaks, peak_memory_mib(device))
+    if master_process and None not in peaks:
+        what = 'allocated by PyTorch' if device_type == 'cuda' else 'resident, the whole process'
+        print(f"peak memory per process: {', '.join(f'{p:,.0f}' for p in peaks)} MiB ({what})")
+elif device_type == 'cuda':
+    print(f'peak memory {peak_memory_mib(device):,.0f} MiB')
 if wandb_log and master_process:
     wandb.finish()
 if ddp:

@@ -221,7 +221,8 @@ def test_bad_switch_values_are_rejected(char_dataset, tmp_path):
     with pytest.raises(ValueError, match='not one of adamw, muon'):
         configure_optimizers(tiny_model(), 0.1, 1e-3, (0.9, 0.95), 'cpu', 'sgd')
     # through train.py: one line naming the setting, exit code 2
-    for arg, fragment in (('--activation=gelu2', "activation='gelu2' is not one of"), ('--optimizer=sgd', "optimizer='sgd' is not one of adamw, muon")):
+    for arg, fragment in (('--activation=gelu2', "activation='gelu2' is not one of"), ('--optimizer=sgd', "optimizer='sgd' is not one of adamw, muon"),
+                          ('--parallel=zero', "parallel='zero' is not one of ddp, fsdp")):
         proc = run('train.py', *TINY_TRAIN, f'--dataset={char_dataset}', f'--out_dir={tmp_path}', arg, check=False)
         assert proc.returncode == 2
         assert_clean_error(proc, fragment)
