@@ -8,7 +8,7 @@ accuracy on a multiple-choice task. Several models are compared side by side in 
     python eval.py --out_dir=out-shakespeare,gpt2 --dataset=shakespeare  # a fine-tune against its base
     python eval.py --out_dir=out-shakespeare-char --train_batches=True  # exactly the val loss train.py printed
     python eval.py --out_dir=out-a,out-b --samples=20                  # and the figures of 20 samples of each
-    python eval.py --out_dir=out-a,gpt2 --task=hellaswag --shots=10    # multiple-choice accuracy instead of the loss
+    python eval.py --init_from=gpt2 --task=hellaswag --shots=10        # multiple-choice accuracy instead of the loss
     python eval.py --out_dir=out-a --task=data/tasks/shakespeare_mc.jsonl  # a task of your own, one JSON item a line
 
 By default every token of the split (or file) is scored once: the tokens are cut into consecutive windows
