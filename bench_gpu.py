@@ -11,7 +11,8 @@ quotes for GPUs.
    tokens per second, MFU and peak memory over gpt2_steps steps, on random tokens (speed does not depend on
    the text, and OpenWebText takes hours to prepare).
 3. KV-cache sampling (bench_sample.py on the GPU): tokens per second with and without the cache.
-4. A one-GPU torchrun run that saves, resumes and finishes: the launcher path multi-GPU users take.
+4. One-GPU torchrun runs that save, resume and finish, under DDP and under FSDP (compiled, bfloat16): the
+   launcher paths multi-GPU users take.
 
 Every training figure comes from train.py's own log, read by bench.py. Without a CUDA GPU it says so and
 exits 2; --tiny=True rehearses the whole script in a minute on any device, with tiny models (it checks the
@@ -83,20 +84,21 @@ def sampling_speed():
     return speed['with cache'], speed['no cache'], 'without the cache: yes' in proc.stdout
 
 
-def torchrun_smoke(out_dir):
-    """train.py under torchrun with one process: train, save, resume, finish. Returns the seconds it took."""
+def torchrun_smoke(out_dir, parallel):
+    """train.py under torchrun with one process and --parallel=parallel: train, save, resume, finish. Returns the
+    seconds it took."""
     steps, evals = (6, ['--eval_interval=3']) if tiny else (20, ['--eval_interval=10', '--eval_iters=5'])
     base = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
             os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'config', 'shakespeare_char.py'), *common, *evals,
-            f'--out_dir={out_dir}', '--log_interval=5']
+            f'--out_dir={out_dir}', '--log_interval=5', f'--parallel={parallel}']
     t0 = time.perf_counter()
     for args in ([f'--max_iters={steps // 2}'], [f'--max_iters={steps}', '--init_from=resume']):
         proc = subprocess.run([*base, *args], capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
-            fail(f'the torchrun run ({" ".join(args)}) failed with exit code {proc.returncode}')
+            fail(f'the torchrun run ({parallel}, {" ".join(args)}) failed with exit code {proc.returncode}')
     if 'Resuming training' not in proc.stdout or f'step {steps}:' not in proc.stdout:
-        fail('the torchrun run did not resume from its checkpoint and finish')
+        fail(f'the torchrun run ({parallel}) did not resume from its checkpoint and finish')
     return time.perf_counter() - t0
 
 
@@ -131,8 +133,10 @@ rows.append(('KV-cache sampling, 1,000 greedy tokens, baby GPT (tokens/s)',
              f'{cached:,.0f} with the cache, {uncached:,.0f} without ({cached / uncached:.1f}x); same tokens: {"yes" if same else "NO"}'))
 
 # 4. torchrun
-with tempfile.TemporaryDirectory() as out:
-    rows.append(('torchrun, 1 process: train, save, resume, finish', f'ok in {torchrun_smoke(out):.0f} s'))
+for parallel in ('ddp', 'fsdp'):
+    with tempfile.TemporaryDirectory() as out:
+        rows.append((f'torchrun, 1 process, {parallel.upper()}: train, save, resume, finish',
+                     f'ok in {torchrun_smoke(out, parallel):.0f} s'))
 
 import torch
 print(f"\n{torch.cuda.get_device_name(device) if not tiny else 'rehearsal (--tiny=True): tiny models, the figures measure nothing'}, "

@@ -1,12 +1,15 @@
 """Training in several processes (torchrun on the CPU, gloo backend), checked against what one uninterrupted
-run gives: resume restores every process's own batch sampler and random numbers, fine-tuning trains every
-process in train mode, and a resume with another number of processes says so and stays reproducible."""
+run gives: resume restores every process's own batch sampler and random numbers, under DDP or FSDP and from
+one to the other, fine-tuning trains every process in train mode, and a resume with another number of
+processes says so and stays reproducible."""
 import json
 import shutil
 
 import torch
 from conftest import TINY_TRAIN, run, torchrun
 from safetensors.torch import load_file
+
+import bench_memory
 
 # dropout draws from each process's torch generator, so a wrong generator after resume shows in the weights
 DDP_TRAIN = [*TINY_TRAIN, '--gradient_accumulation_steps=2', '--dropout=0.1', '--eval_interval=4', '--eval_iters=2']
@@ -35,6 +38,19 @@ def test_ddp_resume_continues_every_process_exactly(char_dataset, tmp_path):
     # each process has its own batch sampler, saved and restored: they draw different batches
     ranks = json.loads((split / 'checkpoint.json').read_text())['training_state']['ranks']
     assert len(ranks) == 2 and ranks[0]['data_rng'] != ranks[1]['data_rng']
+
+    # FSDP trains as DDP does, bit for bit on a CPU (same batches, same dropout draws), and reports each
+    # process's memory; a DDP checkpoint resumes under FSDP and an FSDP one under DDP, both ending where the
+    # uninterrupted run ends
+    fsdp = tmp_path / 'fsdp'
+    proc = torchrun(2, 'train.py', *DDP_TRAIN, data, f'--out_dir={fsdp}', '--max_iters=4', '--parallel=fsdp')
+    assert_same_weights(tmp_path / 'at4', fsdp)
+    assert len(bench_memory.peaks_per_process(proc.stdout)[0]) == 2, proc.stdout
+    shutil.copytree(tmp_path / 'at4', tmp_path / 'ddp_then_fsdp')
+    for folder, parallel in ((tmp_path / 'ddp_then_fsdp', 'fsdp'), (fsdp, 'ddp')):
+        torchrun(2, 'train.py', *DDP_TRAIN, data, f'--out_dir={folder}', '--max_iters=8', '--init_from=resume',
+                 f'--parallel={parallel}')
+        assert_same_weights(whole, folder)
 
     # one process resuming a two-process checkpoint cannot continue both streams: it says so, and re-seeds
     # from (seed, rank, iteration), so two such resumes agree
