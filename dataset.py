@@ -5,6 +5,10 @@ during training) and meta.json, which says how to read them and which tokenizer 
 meta.json keys: tokenizer (the tokenizer's description, see tokenizer.py), vocab_size, dtype ('uint16'
 or 'uint32'), and whatever statistics the prepare script recorded (train_tokens, val_tokens,
 bytes_per_token, ...).
+
+A chat dataset (prepare_chat.py) also holds train.mask.bin and val.mask.bin: one uint8 per token, 1 where the token
+is the assistant's (a reply's text and its end-of-turn), the only targets its loss counts; meta.json says chat: true,
+and its tokenizer description carries the chat template (special_tokens).
 """
 import json
 import math
@@ -43,25 +47,32 @@ class DatasetWriter:
 
     SPLITS = ('train', 'val')
 
-    def __init__(self, folder, tokenizer):
-        self.folder, self.tokenizer = folder, tokenizer
+    def __init__(self, folder, tokenizer, masks=False):
+        """masks: a chat dataset, whose write() calls also give each token's loss mask."""
+        self.folder, self.tokenizer, self.masks = folder, tokenizer, masks
         self.dtype = np.dtype(token_dtype(tokenizer.vocab_size))
         self.tokens = dict.fromkeys(self.SPLITS, 0)
         self._temporaries = {}  # final path -> its temporary
         self._files = {}
         for split in self.SPLITS:
             self._files[split] = open(self._temporary(f'{split}.bin'), 'wb')
+            if masks:
+                self._files[f'{split}.mask'] = open(self._temporary(f'{split}.mask.bin'), 'wb')
 
     def _temporary(self, name):
         path = os.path.join(self.folder, name)
         self._temporaries[path] = f'{path}.tmp{os.getpid()}'
         return self._temporaries[path]
 
-    def write(self, split, ids):
+    def write(self, split, ids, mask=None):
         ids = np.asarray(ids)
         if ids.size and ids.max() > np.iinfo(self.dtype).max:
             raise DatasetError(f'token id {ids.max()} does not fit {self.dtype.name}')
+        if self.masks != (mask is not None) or (mask is not None and len(mask) != ids.size):
+            raise DatasetError('a chat dataset takes one mask value per token, other datasets none')
         self._files[split].write(ids.astype(self.dtype, copy=False).tobytes())
+        if mask is not None:
+            self._files[f'{split}.mask'].write(np.asarray(mask, dtype=np.uint8).tobytes())
         self.tokens[split] += ids.size
 
     def commit(self, **stats):
@@ -71,7 +82,7 @@ class DatasetWriter:
             os.fsync(f.fileno())
             f.close()
         meta = dict(tokenizer=self.tokenizer.describe(), vocab_size=self.tokenizer.vocab_size, dtype=self.dtype.name,
-                    lossless=self.tokenizer.lossless, **stats)
+                    lossless=self.tokenizer.lossless, **({'chat': True} if self.masks else {}), **stats)
         files = {}
         if self.tokenizer.own_file() is not None:
             # tokenizer.json: a Hugging Face tokenizer's own copy, which load_tokenizer(meta['tokenizer'], folder) reads
@@ -147,6 +158,16 @@ def open_split(folder, split, meta):
     return np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
 
 
+def open_mask(folder, split, meta):
+    """A chat dataset's loss mask of one split, memmapped like open_split; None for other datasets."""
+    if not meta.get('chat'):
+        return None
+    path = os.path.join(folder, f'{split}.mask.bin')
+    if not os.path.exists(path):
+        raise DatasetError(f'missing {path}: prepare the chat dataset again (python prepare_chat.py ...)')
+    return np.memmap(path, dtype=np.uint8, mode='r')
+
+
 def dataset_dir(name):
     """The folder of a dataset setting: a folder under data/, or else a path to a prepared folder."""
     under_data = os.path.join('data', name)
@@ -167,12 +188,32 @@ def bits_per_byte(mean_loss, bytes_per_token):
     return mean_loss / math.log(2) / bytes_per_token
 
 
-def sample_windows(data, block_size, batch_size, rng):
+MASK_REDRAWS = 20  # times a window with no assistant target is drawn again
+
+
+def sample_windows(data, block_size, batch_size, rng, mask=None):
     """batch_size windows of block_size + 1 consecutive tokens at random offsets of data, as an int64
     (batch_size, block_size + 1) array: inputs are [:, :-1], their next tokens [:, 1:]. Training and
-    eval.py both draw through here, so the same rng state gives the same batches."""
+    eval.py both draw through here, so the same rng state gives the same batches.
+    With a chat dataset's mask (open_mask): an (inputs, targets) pair of (batch_size, block_size) arrays, whose
+    targets are -1 (ignored by the loss) where the mask is 0. Windows are packed: they start anywhere in the
+    concatenated conversations, across their boundaries. A window with no assistant target would add nothing to
+    the loss (and a batch of them a NaN): it is drawn again, up to MASK_REDRAWS times."""
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
-    return data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    if mask is None:
+        return data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    targets_at = np.arange(1, block_size + 1)
+    for _ in range(MASK_REDRAWS):
+        empty = ~mask[ix[:, None] + targets_at].any(axis=1)
+        if not empty.any():
+            break
+        ix[empty] = rng.integers(0, len(data) - block_size, size=int(empty.sum()))
+    keep = mask[ix[:, None] + targets_at].astype(bool)
+    if not keep.any():
+        raise DatasetError(f'no window of {block_size} tokens drawn holds an assistant token: the replies are too '
+                           f'rare in this chat dataset; use a larger --block_size')
+    rows = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    return rows[:, :-1], np.where(keep, rows[:, 1:], -1)
 
 
 def read_text(input_path, url, cache_path, encoding_errors='strict'):

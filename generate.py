@@ -86,8 +86,10 @@ class Decoder:
         return logits[:, -1, :].float().clone()
 
     def append(self, tokens):
-        self.seq = torch.cat((self.seq, tokens.view(-1, 1)), dim=1)
-        self.fresh += 1
+        """tokens: (B,), one more token per row, or (B, n): n more (a chat's next user turn)."""
+        tokens = tokens.view(self.seq.size(0), -1)
+        self.seq = torch.cat((self.seq, tokens), dim=1)
+        self.fresh += tokens.size(1)
 
     def reorder(self, batch_indices):
         """Keep (and duplicate) the rows named by batch_indices, e.g. beam search's surviving beams."""
@@ -195,7 +197,15 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                     use_cache=True, vocab_size=None):
     """Yield the next token of every row of idx (B, T), as a (B,) tensor, max_new_tokens times.
     vocab_size: only ids below it may be picked (the tokenizer's size, when the model's is padded)."""
-    decoder = Decoder(model, idx, use_cache, max_new_tokens)
+    yield from continue_tokens(Decoder(model, idx, use_cache, max_new_tokens), max_new_tokens, temperature, top_k,
+                               top_p, repetition_penalty, vocab_size)
+
+
+@torch.no_grad()
+def continue_tokens(decoder, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                    vocab_size=None):
+    """generate_tokens on a Decoder the caller keeps: a conversation goes on in the same cache, turn after turn.
+    Each token is appended to the decoder before it is yielded."""
     for _ in range(max_new_tokens):
         token = sample_token(_next_logits(decoder, repetition_penalty, vocab_size), temperature, top_k, top_p)
         decoder.append(token)

@@ -65,11 +65,15 @@ def autocast(device, dtype):
 
 
 def batch_to_device(rows, device):
-    """Inputs and next-token targets of rows, a (B, T + 1) int64 array of token windows, on device. On CUDA
-    they go through pinned memory and copy asynchronously, overlapping the GPU's work; that needs contiguous
-    tensors, which the slices [:, :-1] and [:, 1:] are not until copied."""
-    rows = torch.from_numpy(rows)
-    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    """Inputs and next-token targets of rows, a (B, T + 1) int64 array of token windows (or an (inputs, targets)
+    pair of (B, T) arrays: a chat dataset's, see dataset.sample_windows), on device. On CUDA they go through pinned
+    memory and copy asynchronously, overlapping the GPU's work; that needs contiguous tensors, which the slices
+    [:, :-1] and [:, 1:] are not until copied."""
+    if isinstance(rows, tuple):
+        x, y = (torch.from_numpy(part) for part in rows)
+    else:
+        rows = torch.from_numpy(rows)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
     if device.startswith('cuda'):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

@@ -7,6 +7,7 @@ Sample from a trained model, or straight from GPT-2's weights:
     python sample.py --init_from=gpt2 --start="The meaning of life is" --top_p=0.9 --max_new_tokens=60
     python sample.py --init_from=gpt2 --start="The meaning of life is" --num_beams=4 --num_samples=1
     python sample.py --out_dir=out-shakespeare-char --interactive=True
+    python sample.py --out_dir=out-chat --chat=True --temperature=0     # a conversation with a chat fine-tune
 
 The first sample streams to the terminal as it is generated; all samples are generated together, as the
 rows of one batch. `python sample.py --help` lists every setting.
@@ -21,10 +22,10 @@ import torch
 from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
 from dataset import DatasetError, decode_utf8, normalize_unicode, unicode_form
-from generate import check_controls, generate_text, use_decoding_layout
+from generate import Decoder, check_controls, continue_tokens, generate_text, use_decoding_layout
 from hf_gpt2 import HFError
 from runtime import autocast, resolve_device, resolve_dtype
-from tokenizer import TokenizerError, UnknownCharactersError, load_tokenizer
+from tokenizer import ChatTokenizer, TokenizerError, UnknownCharactersError, load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoint in out_dir), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
@@ -44,6 +45,7 @@ drop_unknown = False  # drop prompt characters the vocabulary lacks instead of s
 normalize = 'NFC'  # Unicode normal form of the prompt, as prepare.py normalises text ('e' + U+0301 is 'é'); '' keeps it as typed
 encoding_errors = 'strict'  # a FILE: prompt that is not UTF-8: 'strict' stops with an error, 'replace' or 'ignore' its bad bytes
 interactive = False  # read prompts from the terminal, one per line, until end of input (Ctrl-D)
+chat = False  # talk with a chat fine-tune (prepare_chat.py): one message per line, each reply ends at the end-of-turn token; the conversation stays in the KV cache
 progress = False  # show a progress bar (on stderr)
 seed = 1337  # the same seed and settings give the same samples
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -98,8 +100,8 @@ if compile:
 block_size = model.config.block_size
 
 
-def encode_prompt(text):
-    """The prompt's token ids; bad input ends the program with one line."""
+def encode_text(text):
+    """The ids of a prompt or chat message; bad input ends the program with one line."""
     text = normalize_unicode(text, normalize)
     try:
         ids = tokenizer.encode(text)
@@ -121,6 +123,12 @@ def encode_prompt(text):
     if too_big:
         fail(f'token id {too_big[0]} of the prompt is outside the model\'s vocabulary of {model.config.vocab_size}: '
              f'the tokenizer does not belong to this model')
+    return ids
+
+
+def encode_prompt(text):
+    """The prompt's token ids; bad input ends the program with one line."""
+    ids = encode_text(text)
     if not ids:
         if tokenizer.eot_id is None:
             fail('the prompt is empty: pass --start="some text"')
@@ -163,17 +171,72 @@ if start.startswith('FILE:'):
         except DatasetError as e:
             fail(e)
 
-if interactive:
-    print('type a prompt and press Enter; end with Ctrl-D', file=sys.stderr)
+def input_lines(intro, prompt):
+    """The lines typed (or piped) in, unescaped, until end of input (Ctrl-D) or Ctrl-C. The intro and the prompts go
+    to stderr: stdout holds only what the model writes."""
+    print(intro, file=sys.stderr)
     while True:
-        print('> ', end='', file=sys.stderr, flush=True)  # on stderr: stdout holds only the samples
+        print(prompt, end='', file=sys.stderr, flush=True)
         try:
             line = sys.stdin.readline()
         except KeyboardInterrupt:
             line = ''
         if not line:  # end of input
             print(file=sys.stderr)
-            break
-        run(unescape(line.rstrip('\n')))
+            return
+        yield unescape(line.rstrip('\n'))
+
+
+def chat_loop():
+    """A conversation: each line of input is a user turn, appended to the one KV cache the whole conversation is in
+    (only its new tokens go through the model), and the reply runs to the end-of-turn token (or max_new_tokens,
+    whose reply is then closed with one). Once a turn and the room for its reply no longer fit block_size, the oldest
+    exchanges are dropped and what is left is fed again, as a new cache."""
+    if not isinstance(tokenizer, ChatTokenizer):
+        fail(f'{source} is not a chat model (its tokenizer has no chat template): fine-tune it on conversations '
+             f'prepared by prepare_chat.py first')
+    room = min(max_new_tokens, block_size // 2)  # kept free for the reply
+    exchanges = []  # token ids of each user turn and its reply, as fed to the model
+    decoder = None
+    device = next(model.parameters()).device
+    for message in input_lines('chat: type a message and press Enter; end with Ctrl-D', 'you> '):
+        turn = (tokenizer.marker_ids['user'] + encode_text(message) + [tokenizer.end_id]
+                + tokenizer.marker_ids['assistant'])
+        if len(turn) + room > block_size:
+            print(f'note: that message has {len(turn)} tokens: with the room for a reply ({room}) it does not fit the '
+                  f"model's context of {block_size}; say it in fewer words", file=sys.stderr)
+            continue
+        if sum(map(len, exchanges)) + len(turn) + room > block_size:
+            while sum(map(len, exchanges)) + len(turn) + room > block_size:
+                exchanges.pop(0)
+            print(f"note: the conversation outgrew the model's context of {block_size} tokens: its oldest turns are "
+                  f'forgotten', file=sys.stderr)
+            decoder = None
+        if decoder is None:
+            ids = [i for exchange in exchanges for i in exchange] + turn
+            decoder = Decoder(model, torch.tensor([ids], dtype=torch.long, device=device), use_cache)
+        else:
+            decoder.append(torch.tensor([turn], dtype=torch.long, device=device))
+        reply, shown = [], 0
+        with ctx:
+            for token in continue_tokens(decoder, max_new_tokens, temperature, top_k or None, top_p,
+                                         repetition_penalty, tokenizer.vocab_size):
+                if token.item() == tokenizer.end_id:
+                    break
+                reply.append(token.item())
+                text = tokenizer.decode(reply).rstrip('\ufffd')  # an incomplete UTF-8 character: wait for the rest
+                print(text[shown:], end='', flush=True)
+                shown = len(text)
+            else:  # no end of turn within max_new_tokens: close the turn, as training's conversations are
+                decoder.append(torch.tensor([tokenizer.end_id], device=device))
+        print(tokenizer.decode(reply)[shown:], flush=True)
+        exchanges.append(turn + reply + [tokenizer.end_id])
+
+
+if chat:
+    chat_loop()
+elif interactive:
+    for prompt in input_lines('type a prompt and press Enter; end with Ctrl-D', '> '):
+        run(prompt)
 else:
     run(start)

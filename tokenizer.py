@@ -15,6 +15,8 @@ Kinds:
 
 Special-token strings inside user text ('<|endoftext|>', '</s>') are encoded as plain text by every kind:
 a document cannot forge an end-of-text. Scripts put eot_id between documents themselves.
+with_chat_template() adds a chat template (ChatTokenizer: role markers and an end-of-turn token, recorded in the
+description's special_tokens) for chat fine-tuning (prepare_chat.py, sample.py --chat).
 """
 import difflib
 import inspect
@@ -406,6 +408,112 @@ class HFTokenizer(Tokenizer):
         return d
 
 
+# ---------------------------------------------------------------------------- chat
+
+CHAT_ROLES = ('system', 'user', 'assistant')
+CHAT_MARKERS = {'system': '<|system|>', 'user': '<|user|>', 'assistant': '<|assistant|>', 'end': '<|end|>'}
+_OWN_VOCABULARY = ('char', 'word', 'bpe')  # kinds whose vocabulary is ours to extend
+
+
+class ChatTokenizer(Tokenizer):
+    """A tokenizer and a chat template: each turn is its role's marker, the text, then the end-of-turn marker,
+
+        <|user|>What is 2 + 3?<|end|><|assistant|>5<|end|>
+
+    special_tokens maps 'system', 'user', 'assistant' and 'end' to their markers, and travels in the description
+    (so in meta.json and every checkpoint). Where the vocabulary is ours (char, word, bpe) the markers are new tokens,
+    ids base.vocab_size + 0, 1, ... in that order. A fixed vocabulary (tiktoken, hf) is a pretrained model's, so
+    nothing is added: 'end' is the tokenizer's own end-of-text ('<|endoftext|>' for GPT-2, an HF tokenizer's eos)
+    and the role markers are plain text ('User:\\n'). Either way encode() of any text never gives the end-of-turn id
+    (or an added marker's), so no message can close a turn or forge one; plain-text role markers can be typed, but
+    only the template puts them after an end of turn."""
+
+    def __init__(self, base, special_tokens):
+        if isinstance(base, ChatTokenizer):
+            raise TokenizerError('this tokenizer has a chat template already')
+        if not isinstance(special_tokens, dict) or sorted(special_tokens) != sorted(CHAT_MARKERS) or not all(
+                isinstance(v, str) and v for v in special_tokens.values()):
+            raise TokenizerError(f'special_tokens must map {", ".join(CHAT_MARKERS)} to their marker strings')
+        self.base, self.kind, self.special_tokens = base, base.kind, dict(special_tokens)
+        self.lossless, self.unk_id, self.eot_id = base.lossless, base.unk_id, base.eot_id
+        if base.kind in _OWN_VOCABULARY:
+            self.added = list(CHAT_MARKERS)  # roles, in id order
+            self.marker_ids = {role: [base.vocab_size + i] for i, role in enumerate(self.added)}
+        else:
+            if base.eot_id is None or base.decode([base.eot_id]) != special_tokens['end']:
+                raise TokenizerError(f"a {base.kind} tokenizer's end of turn must be its own end-of-text token, "
+                                     f"not {special_tokens['end']!r}" if base.eot_id is not None else
+                                     f'this {base.kind} tokenizer has no end-of-text token to end turns with')
+            self.added = []
+            self.marker_ids = {role: base.encode(special_tokens[role]) for role in CHAT_ROLES}
+            self.marker_ids['end'] = [base.eot_id]
+        self.vocab_size = base.vocab_size + len(self.added)
+        self.end_id = self.marker_ids['end'][0]
+
+    def render_turn(self, role, content):
+        """One turn's ids, and per id 1 where a chat fine-tune takes the loss: the assistant's text and its end."""
+        if role not in CHAT_ROLES:
+            raise TokenizerError(f"role {role!r}: use {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise TokenizerError(f'the content of a {role} message must be text, not {type(content).__name__}')
+        head, body = self.marker_ids[role], self.encode(content) + [self.end_id]
+        return head + body, [0] * len(head) + [int(role == 'assistant')] * len(body)
+
+    def render(self, messages):
+        """A conversation ([{'role': 'user', 'content': ...}, ...]) as (ids, loss mask), see render_turn."""
+        if not isinstance(messages, list) or not messages:
+            raise TokenizerError('a conversation is a non-empty list of messages')
+        ids, mask = [], []
+        for message in messages:
+            if not isinstance(message, dict) or 'role' not in message or 'content' not in message:
+                raise TokenizerError("a message is an object with a 'role' and a 'content'")
+            turn_ids, turn_mask = self.render_turn(message['role'], message['content'])
+            ids += turn_ids
+            mask += turn_mask
+        return ids, mask
+
+    def encode(self, text):
+        return self.base.encode(text)
+
+    def encode_batch(self, texts):
+        return self.base.encode_batch(texts)
+
+    def _decode(self, ids):
+        n = self.base.vocab_size
+        pieces, start = [], 0
+        for i in np.flatnonzero(ids >= n):
+            if i > start:
+                pieces.append(self.base._decode(ids[start:i]))
+            pieces.append(self.special_tokens[self.added[ids[i] - n]])
+            start = i + 1
+        if start < len(ids):
+            pieces.append(self.base._decode(ids[start:]))
+        return ''.join(pieces)
+
+    def drop_unknown(self, text):
+        return self.base.drop_unknown(text)
+
+    def unknown_words(self, text):
+        return self.base.unknown_words(text)
+
+    def own_file(self):
+        return self.base.own_file()
+
+    def describe(self):
+        return dict(self.base.describe(), special_tokens=dict(self.special_tokens))
+
+
+def with_chat_template(tokenizer):
+    """tokenizer with the chat template (see ChatTokenizer); one that has it already is returned as it is."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return tokenizer
+    markers = dict(CHAT_MARKERS)
+    if tokenizer.kind not in _OWN_VOCABULARY:
+        markers = {'system': 'System:\n', 'user': 'User:\n', 'assistant': 'Assistant:\n',
+                   'end': tokenizer.decode([tokenizer.eot_id]) if tokenizer.eot_id is not None else '?'}
+    return ChatTokenizer(tokenizer, markers)
+
+
 def _looks_like_path(name):
     # hub names are 'name' or 'org/name'; anything else can only be a folder
     return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1
@@ -442,6 +550,9 @@ def load_tokenizer(description, folder=None):
     description was found, whose tokenizer.json (if the description names one) is read first."""
     kind = description.get('kind') if isinstance(description, dict) else None
     _check_kind(kind)
+    if 'special_tokens' in description:  # a chat template over the tokenizer the rest describes
+        base = {k: v for k, v in description.items() if k != 'special_tokens'}
+        return ChatTokenizer(load_tokenizer(base, folder), description['special_tokens'])
     try:
         if kind == 'char':
             return CharTokenizer(description['chars'])
@@ -472,9 +583,12 @@ def tokenizer_name(description):
     return f"a {description.get('kind')} tokenizer"
 
 
-def tokenizers_match(a, b):
+def tokenizers_match(a, b, chat=False):
     """Whether two tokenizer descriptions encode text alike: equal, or the same vocabulary under two
-    kinds (tiktoken's 'gpt2' and Hugging Face's 'gpt2'), judged on a probe text."""
+    kinds (tiktoken's 'gpt2' and Hugging Face's 'gpt2'), judged on a probe text. chat: b may also be a plus a
+    chat template (a chat fine-tune's dataset for a model trained on a: its new tokens come after a's ids)."""
+    if chat and 'special_tokens' in b and 'special_tokens' not in a:
+        b = {k: v for k, v in b.items() if k != 'special_tokens'}
     if a == b:
         return True
     probe = ("Hello, world! It's 2024: naïve café, Привет мир, 你好世界 \n\n\t  spaces   and "

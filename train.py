@@ -30,7 +30,8 @@ from atomic_write import atomic_write_bytes
 from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, read_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
-from dataset import DatasetError, bits_per_byte, bytes_per_token, dataset_dir, load_meta, open_split, sample_windows
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, load_meta, open_mask, open_split,
+                     sample_windows)
 from generate import generate_text
 from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
@@ -234,7 +235,30 @@ data_rng = np.random.default_rng(seed + ddp_rank)
 def get_batch(split, rng):
     # a fresh memmap per batch avoids a memory leak, https://stackoverflow.com/questions/45132940
     data = open_split(data_dir, split, meta)
-    return batch_to_device(sample_windows(data, block_size, batch_size, rng), device)
+    try:
+        mask = open_mask(data_dir, split, meta)  # a chat dataset's: the loss counts the assistant's tokens only
+        return batch_to_device(sample_windows(data, block_size, batch_size, rng, mask), device)
+    except DatasetError as e:
+        fail(e)
+
+
+def grow_vocabulary(model, vocab_size):
+    """Rows for a chat dataset's new tokens (its template's markers, ids after the model's own): the embedding, and
+    an untied head, grow to a multiple of 64 where the padding rows do not suffice, and each new token starts at the
+    mean of the real tokens' rows, so its embedding is an average input and its logit an average score."""
+    old = model.config.real_vocab_size or model.config.vocab_size
+    rows = max(model.config.vocab_size, math.ceil(vocab_size / 64) * 64)
+    layers = [model.transformer.wte] + ([] if model.config.tie_weights else [model.lm_head])
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.weight.new_zeros(rows, layer.weight.size(1))
+            weight[:old] = layer.weight[:old]
+            weight[old:vocab_size] = layer.weight[:old].mean(dim=0)
+            layer.weight = torch.nn.Parameter(weight)
+    if model.config.tie_weights:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.transformer.wte.num_embeddings = model.lm_head.out_features = rows
+    model.config.vocab_size, model.config.real_vocab_size = rows, vocab_size
 
 
 # model init
@@ -266,11 +290,13 @@ else:
     except (CheckpointError, HFError) as e:
         fail(e)
     if init_from != 'resume':  # fine-tuning: these weights, a new optimizer, iterations from 0
-        if model_tokenizer is not None and not tokenizers_match(model_tokenizer, meta['tokenizer']):
+        if model_tokenizer is not None and not tokenizers_match(model_tokenizer, meta['tokenizer'], chat=True):
             fail(f"the dataset {data_dir} was tokenized with another tokenizer than {init_from}'s "
                  f"({tokenizer_name(model_tokenizer)}): prepare the dataset with that tokenizer")
-        if meta['vocab_size'] > model.config.vocab_size:
-            fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
+        if meta['vocab_size'] > (model.config.real_vocab_size or model.config.vocab_size):
+            if model_tokenizer is None:
+                fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
+            grow_vocabulary(model, meta['vocab_size'])  # a chat template's tokens (tokenizers_match said so)
         if block_size > model.config.block_size:
             fail(f"block_size={block_size} is larger than {init_from}'s context of {model.config.block_size}: use --block_size={model.config.block_size} or less")
         if block_size < model.config.block_size:

@@ -23,11 +23,12 @@ TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '-
               '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--dropout=0.0']
 
 
-def run(script, *args, check=True, env=None, timeout=600):
-    """Run a repository script with args from the repository root; return the CompletedProcess."""
+def run(script, *args, check=True, env=None, timeout=600, stdin=None):
+    """Run a repository script with args from the repository root (stdin: text piped to it); return the
+    CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', **(env or {}))
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
     return proc
