@@ -194,6 +194,19 @@ def test_a_fine_tune_answers_where_the_base_does_not_and_the_chat_equals_a_recom
         assert reference_chat(before.eval(), load_tokenizer(description), [question], len(answer) + 1) != [answer]
 
 
+def test_replies_cut_at_max_new_tokens_are_closed_and_a_message_too_long_is_refused(tuned):
+    """The base before the fine-tune never ends its turn: each reply stops at max_new_tokens and is closed with an end
+    of turn, and the conversation goes on as recomputed without a cache; a message that leaves no room for a reply
+    is refused with a note, and the chat goes on."""
+    questions = ['Romeo loves?', 'Sea colour? ' * 5, 'Add 2 and 3?', 'Verona is in?']
+    proc = run('sample.py', f'--out_dir={tuned / "still"}', '--chat=True', '--temperature=0', '--device=cpu',
+               '--max_new_tokens=5', stdin='\n'.join(questions) + '\n')
+    assert 'that message has 63 tokens' in proc.stderr and 'oldest turns are forgotten' not in proc.stderr
+    model, description, _ = load_model(tuned / 'still')
+    expected = reference_chat(model.eval(), load_tokenizer(description), questions[:1] + questions[2:], 5)
+    assert proc.stdout.splitlines() == expected and all(len(reply) == 5 for reply in expected)
+
+
 def test_resume_of_a_chat_fine_tune_continues_exactly(tuned):
     (whole_ckpt, whole), (split_ckpt, split) = final_weights(tuned / 'whole'), final_weights(tuned / 'split')
     assert whole_ckpt['iter_num'] == split_ckpt['iter_num'] == 80
