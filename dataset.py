@@ -213,7 +213,7 @@ def sample_windows(data, block_size, batch_size, rng, mask=None):
         raise DatasetError(f'no window of {block_size} tokens drawn holds an assistant token: the replies are too '
                            f'rare in this chat dataset; use a larger --block_size')
     rows = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
-    return rows[:, :-1], np.where(keep, rows[:, 1:], -1)
+    return np.ascontiguousarray(rows[:, :-1]), np.where(keep, rows[:, 1:], -1)  # contiguous, as pinned copies need
 
 
 def read_text(input_path, url, cache_path, encoding_errors='strict'):
