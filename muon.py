@@ -13,7 +13,6 @@ import inspect
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
@@ -112,7 +111,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             # nesterov: look ahead along the momentum. (Keller's code uses the EMA form buf.lerp_(g, 1-momentum),
             # which only rescales the update by (1-momentum); the orthogonalisation removes that scale.)
             update = g.add(buf, alpha=momentum) if group['nesterov'] else buf
-            if isinstance(update, DTensor):  # FSDP: this process's rows of it; orthogonalise the whole
+            sharded = hasattr(p, 'device_mesh')  # a DTensor: FSDP's shard of the matrix (this process's rows)
+            if sharded:  # orthogonalise the whole matrix
                 update = update.full_tensor()
             # conv-style weights (>2-D) are treated as (out, in * kernel) matrices; a stack of `parts` matrices (the
             # fused query/key/value projection) as a batch of them, each orthogonalised on its own
@@ -121,7 +121,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             # an orthogonal update has RMS ~ 1/sqrt(max(rows, cols)); this keeps tall matrices' RMS comparable
             update *= max(1, update.size(-2) / update.size(-1)) ** 0.5
             update = update.reshape(p.shape)
-            if isinstance(p, DTensor):  # every process has the whole update: each keeps its rows, no scatter
+            if sharded:  # every process has the whole update: each keeps its rows, no scatter
+                from torch.distributed.tensor import distribute_tensor  # 0.5 s to import: only FSDP runs pay it
                 update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
             p.mul_(1 - lr * wd)  # decoupled weight decay, as in AdamW
             p.add_(update, alpha=-lr)

@@ -13,13 +13,12 @@ gathered, tensor by tensor, into the CPU memory of rank 0, which writes them; a 
 every process and shards it again. So a run saved under DDP resumes under FSDP, and back.
 """
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime import DTYPES
+
+# torch.distributed.fsdp and torch.distributed.tensor take half a second to import (sympy and more): the functions
+# below that need them import them when called, so that only FSDP runs pay, not every start of train.py
 
 PARALLEL = ('ddp', 'fsdp')
 
@@ -36,6 +35,8 @@ def shard(model, device_type, world_size, dtype):
     root unit holds the rest (embeddings, the final norm, the head; a tied head is one tensor). A model built
     on the CPU moves to the device a shard at a time. With dtype bfloat16 or float16 the blocks compute in
     it while the sharded master weights, the optimizer and the gradient reduction stay in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device_type, (world_size,))
     if dtype == 'float32':
         policy = MixedPrecisionPolicy()
@@ -51,6 +52,7 @@ def grad_scaler(device_type, enabled, sharded):
     """float16's loss scaler. Sharded, each process sees only its shards' gradients, so whether any is inf
     must be agreed by all (ShardedGradScaler all-reduces it), or some shards would step and others skip."""
     if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         return ShardedGradScaler(device_type, enabled=enabled)
     return torch.amp.GradScaler(device_type, enabled=enabled)
 
@@ -58,7 +60,7 @@ def grad_scaler(device_type, enabled, sharded):
 def full_tensor(tensor):
     """A sharded tensor gathered from every process (a collective: all must call it, in the same order);
     any other tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if hasattr(tensor, 'full_tensor') else tensor  # a DTensor
 
 
 def _gathered(tensor, keep):
@@ -80,6 +82,7 @@ def full_state(model, optimizer, keep):
 def shard_optimizer_state(optimizer, state):
     """A saved (full) optimizer state_dict turned into this process's shards of it, for load_state_dict of an
     optimizer over sharded parameters: each tensor the shape of its parameter is cut the way the parameter is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
     params = [p for group in optimizer.param_groups for p in group['params']]
     for pid, param_state in state['state'].items():
         p = params[pid]

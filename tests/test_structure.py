@@ -76,3 +76,16 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
         assert 'import cycle: a -> b -> a' in str(e)
     else:
         raise AssertionError('the cycle was not found')
+
+
+def test_the_scripts_start_without_the_heavy_optional_parts_of_torch():
+    """Every start of train.py, sample.py and eval.py (the test suite alone starts them hundreds of times) would pay
+    half a second for torch.distributed.tensor / fsdp (sympy and more), and seconds for transformers: only the runs
+    that use FSDP, or GPT-2 weights, may import them."""
+    import subprocess
+    import sys
+    heavy = ('torch.distributed.tensor', 'torch.distributed.fsdp', 'transformers', 'matplotlib')
+    code = ('import sys, checkpoint, dataset, generate, metrics, model, multiple_choice, muon, parallel, runtime, '
+            f'tokenizer; print(" ".join(m for m in {heavy!r} if m in sys.modules))')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == [], proc.stdout
