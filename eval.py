@@ -33,7 +33,7 @@ import torch
 from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta,
-                     normalize_unicode, open_split, sample_windows, unicode_form)
+                     normalize_unicode, open_mask, open_split, sample_windows, unicode_form)
 from generate import generate_tokens
 from hf_gpt2 import HFError
 from multiple_choice import TaskError, accuracies, choice_logprobs, encode_pair, fewshot_context, load_task
@@ -146,7 +146,7 @@ def text_tokens(tokenizer):
 
 
 def split_tokens(entry, tokenizer, ckpt):
-    """The dataset split's token ids (a memmap), its folder and meta."""
+    """The dataset split's token ids (a memmap), its loss mask (a chat dataset's, else None), its folder and meta."""
     name = dataset or (ckpt['config'].get('dataset') if ckpt else None)
     if not name:
         fail(f'{entry} was not trained here, so it has no dataset of its own: pass --dataset=NAME or --text=FILE')
@@ -154,23 +154,25 @@ def split_tokens(entry, tokenizer, ckpt):
     try:
         meta = load_meta(folder)
         data = open_split(folder, split, meta)
+        mask = open_mask(folder, split, meta)
     except DatasetError as e:
         fail(e)
     if not tokenizers_match(tokenizer.describe(), meta['tokenizer']):
         fail(f'{folder} was tokenized with another tokenizer than {entry} uses: evaluate it on a dataset prepared with its tokenizer')
-    return data, folder, meta
+    return data, mask, folder, meta
 
 
 @torch.no_grad()
-def full_pass(model, ids, block, name):
-    """Sum of the losses (nats) of predicting ids[1:], in consecutive windows of block tokens, and their count."""
+def full_pass(model, ids, block, name, mask=None):
+    """Sum of the losses (nats) of predicting ids[1:], in consecutive windows of block tokens, and their count.
+    With a chat dataset's mask, only the targets it marks count (the assistant's tokens, as in training)."""
     n_targets = len(ids) - 1
     starts = list(range(0, n_targets, block))
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_targets, unit='tok', desc=name, leave=False, file=sys.stderr, dynamic_ncols=True)
-    total = 0.0
+    total, scored = 0.0, 0
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
         T = min(block, n_targets - chunk[0])  # only the last window of all can be shorter
@@ -179,19 +181,23 @@ def full_pass(model, ids, block, name):
         for row, s in enumerate(chunk):
             window = torch.from_numpy(np.asarray(ids[s:s + T + 1], dtype=np.int64))
             x[row, :len(window) - 1], y[row, :len(window) - 1] = window[:-1], window[1:]
-        with ctx:
-            _, loss = model(x.to(device), y.to(device))
+            if mask is not None:
+                y[row, :len(window) - 1][torch.from_numpy(mask[s + 1:s + len(window)] == 0)] = -1
         count = int((y >= 0).sum())
-        total += loss.item() * count
+        if count:  # (a window of a chat's user turns alone has nothing to score)
+            with ctx:
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.item() * count
+            scored += count
         if bar is not None:
-            bar.update(count)
+            bar.update(sum(min(T, n_targets - s) for s in chunk))
     if bar is not None:
         bar.close()
-    return total, n_targets
+    return total, scored
 
 
 @torch.no_grad()
-def like_train(model, folder, meta, cfg, name):
+def like_train(model, mask, folder, meta, cfg, name):
     """The mean loss of train.py's estimate_loss() for this split: same seed, batches and averaging."""
     iters = eval_iters or cfg['eval_iters']
     rng = np.random.default_rng([cfg['seed'], 0, 1 if split == 'val' else 0])
@@ -201,7 +207,8 @@ def like_train(model, folder, meta, cfg, name):
         from tqdm import tqdm
         batches = tqdm(batches, desc=name, leave=False, file=sys.stderr, dynamic_ncols=True)
     for k in batches:
-        x, y = batch_to_device(sample_windows(open_split(folder, split, meta), cfg['block_size'], cfg['batch_size'], rng), device)
+        x, y = batch_to_device(sample_windows(open_split(folder, split, meta), cfg['block_size'], cfg['batch_size'], rng,
+                                              mask), device)
         with ctx:
             _, loss = model(x, y)
         losses[k] = loss.item()
@@ -251,13 +258,15 @@ def train_ngrams(tokenizer, ckpt):
 
 
 def loss_row(model, tokenizer, ckpt, entry):
-    """(entry, data, tokens, loss, perplexity, bits/byte) of one model on the text or dataset split."""
+    """(entry, data, tokens, loss, perplexity, bits/byte) of one model on the text or dataset split. On a chat
+    dataset the tokens are the assistant's, the only ones its loss counts (as train.py's)."""
+    mask = None
     if text:
         source = text
         ids, bpt = text_tokens(tokenizer)
     else:
-        ids, folder, meta = split_tokens(entry, tokenizer, ckpt)
-        source = f'{folder} {split}'
+        ids, mask, folder, meta = split_tokens(entry, tokenizer, ckpt)
+        source = f'{folder} {split}' + (' (replies)' if mask is not None else '')
         bpt = bytes_per_token(meta, split)  # the original text's bytes per token, as train.py divides by
     if max_tokens:
         ids = ids[:max_tokens + 1]
@@ -269,10 +278,12 @@ def loss_row(model, tokenizer, ckpt, entry):
         if ckpt is None:
             fail(f'{entry} was not trained by train.py: train_batches needs its training config')
         cfg = ckpt['config']
-        loss, n = like_train(model, folder, meta, cfg, entry)
+        loss, n = like_train(model, mask, folder, meta, cfg, entry)
     else:
         block = min(block_size or model.config.block_size, model.config.block_size)
-        total, n = full_pass(model, ids, block, entry)
+        total, n = full_pass(model, ids, block, entry, mask)
+        if not n:
+            fail(f'{source} holds no assistant token to score for {entry}: pass more --max_tokens')
         loss = total / n
     bpb = f'{bits_per_byte(loss, bpt):.4f}' if bpt else 'n/a'
     if not tokenizer.lossless:

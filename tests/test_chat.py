@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model, save_checkpoint
+from checkpoint import load_model, read_checkpoint, save_checkpoint
 from conftest import SHARED, TINY_TEXT, TINY_TRAIN, assert_clean_error, final_weights, run, run_all
 from dataset import DatasetError, load_meta, open_mask, open_split, sample_windows
 from model import GPT, GPTConfig
@@ -265,3 +265,29 @@ def test_bad_conversations_and_a_model_without_a_template_give_one_line(base, ch
         open_mask(tmp_path / 'no_mask', 'val', load_meta(tmp_path / 'no_mask'))
     assert_clean_error(run('sample.py', f'--out_dir={base}', '--chat=True', '--device=cpu', check=False),
                        'is not a chat model', 'prepare_chat.py')
+
+
+def test_eval_scores_a_chat_dataset_on_the_replies_alone(tuned, chats):
+    """eval.py counts a chat dataset's assistant tokens only, as training does: --train_batches gives the val loss
+    train.py recorded for the checkpoint, and the full pass equals a brute-force loss over the replies' tokens."""
+    out = tuned / 'whole'
+    like_train, full = run_all([('eval.py', f'--out_dir={out}', '--device=cpu', '--train_batches=True'),
+                                ('eval.py', f'--out_dir={out}', '--device=cpu')])
+    rows = [proc.stdout.strip().splitlines()[1].split() for proc in (like_train, full)]
+    assert all('(replies)' in row for row in rows), rows
+    assert abs(float(rows[0][-3]) - read_checkpoint(out, 'best.json')['best_val_loss']) < 5e-5
+
+    model = load_model(out).model.eval()
+    meta = load_meta(chats)
+    ids, mask = np.asarray(open_split(chats, 'val', meta), dtype=np.int64), open_mask(chats, 'val', meta)
+    block, total, count = model.config.block_size, 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, block):
+            window = torch.from_numpy(ids[s:s + block + 1])
+            logp = model(window[None, :-1])[0][0].double().log_softmax(-1)
+            for t in range(len(window) - 1):
+                if mask[s + t + 1]:
+                    total -= logp[t, window[t + 1]].item()
+                    count += 1
+    assert int(rows[1][-4].replace(',', '')) == count < len(ids) - 1
+    assert abs(float(rows[1][-3]) - total / count) < 5e-5
