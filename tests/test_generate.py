@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from generate import (Decoder, beam_search, check_controls, filter_top_k, filter_top_p, generate, generate_text,
-                      generate_tokens, penalise_repetition, sample_token, use_decoding_layout)
+from generate import (Decoder, beam_search, check_controls, continue_tokens, filter_top_k, filter_top_p, generate,
+                      generate_text, generate_tokens, penalise_repetition, sample_token, use_decoding_layout)
 from model import GPT, GPTConfig
 from muon import configure_optimizers
 from tokenizer import make_tokenizer
@@ -339,3 +339,28 @@ def test_kv_cache_under_bfloat16_autocast_is_bfloat16_and_follows_the_no_cache_l
     decoder = Decoder(model, prompt)  # without autocast, the weights' float32
     decoder.next_logits()
     assert decoder.cache.k.dtype == torch.float32
+
+
+def test_a_conversation_feeds_each_token_through_the_model_once():
+    """A chat (sample.py --chat) appends each user turn to the decoder it keeps: the model sees only the new tokens,
+    never the conversation again, and the replies are those a fresh greedy decode of the whole history gives."""
+    model = tiny_gpt()
+    fed = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(args[0].size(1)), with_kwargs=True)
+    turns = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    decoder, history, replies = None, [], []
+    for turn in turns:
+        if decoder is None:
+            decoder = Decoder(model, torch.tensor([turn]))
+        else:
+            decoder.append(torch.tensor([turn]))
+        reply = [t.item() for t in continue_tokens(decoder, 2, temperature=0.0)]
+        replies.append(reply)
+        history += turn + reply
+    assert sum(fed) == len(history) - 1  # every token once, but the last reply's last (never fed back)
+    history = []
+    for turn, reply in zip(turns, replies):
+        history += turn
+        expected = [t.item() for t in generate_tokens(model, torch.tensor([history]), 2, temperature=0.0, use_cache=False)]
+        assert reply == expected
+        history += reply
