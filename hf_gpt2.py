@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from model import GPT, GPTConfig
-from tokenizer import TokenizerError, load_tokenizer
+from tokenizer import CHAT_ROLES, ChatTokenizer, TokenizerError, load_tokenizer
 
 # the short names resolve to OpenAI's checkpoints on the Hugging Face hub
 GPT2_NAMES = {'gpt2': 'openai-community/gpt2', 'gpt2-medium': 'openai-community/gpt2-medium',
@@ -217,7 +217,9 @@ def export_gpt2(model, tokenizer_description, folder, tokenizer_folder=None):
     if tokenizer is not None and tokenizer.vocab_size <= vocab_size:
         vocab_size = tokenizer.vocab_size
     with quiet_transformers():
-        hf_config = hf_config_for(model.config, vocab_size, tokenizer.eot_id if tokenizer else None)
+        # a chat model's text ends at its end of turn: transformers' generate stops there
+        eos = tokenizer.end_id if isinstance(tokenizer, ChatTokenizer) else tokenizer.eot_id if tokenizer else None
+        hf_config = hf_config_for(model.config, vocab_size, eos)
         hf_model = GPT2LMHeadModel(hf_config)
         missing, unexpected = hf_model.load_state_dict(state_to_hf(model, vocab_size), strict=False)
         missing = [k for k in missing if not k.endswith(('.attn.bias', '.attn.masked_bias'))]
@@ -243,8 +245,40 @@ def export_gpt2(model, tokenizer_description, folder, tokenizer_folder=None):
     return notes
 
 
+def chat_template(special_tokens):
+    """Our chat template (tokenizer.ChatTokenizer) as the Jinja template transformers' apply_chat_template runs:
+    each message is its role's marker, its content and the end-of-turn marker; add_generation_prompt opens the
+    assistant's turn."""
+    markers = json.dumps({role: special_tokens[role] for role in CHAT_ROLES}, ensure_ascii=False)
+    return ("{% for message in messages %}{{ " + markers + "[message['role']] + message['content'] + "
+            + json.dumps(special_tokens['end'], ensure_ascii=False) + " }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ " + json.dumps(special_tokens['assistant'], ensure_ascii=False)
+            + " }}{% endif %}")
+
+
 def _hf_tokenizer(tokenizer, description):
-    """A transformers tokenizer that encodes and decodes like ours, or None where none can."""
+    """A transformers tokenizer that encodes and decodes like ours, or None where none can. A chat model's also
+    renders conversations as ours does (chat_template) and ends a reply at the end of turn (eos_token)."""
+    special = description.get('special_tokens')
+    hf_tokenizer = _hf_base_tokenizer(tokenizer.base if special else tokenizer, description)
+    if hf_tokenizer is None or not special:
+        return hf_tokenizer
+    if tokenizer.added:  # our vocabulary grew by the markers: the same ids after the base's
+        from tokenizers import AddedToken
+        hf_tokenizer.add_special_tokens({'additional_special_tokens': [
+            AddedToken(special[role], special=True, normalized=False) for role in tokenizer.added]})
+        ids = {role: hf_tokenizer.convert_tokens_to_ids(special[role]) for role in tokenizer.added}
+        if ids != {role: tokenizer.marker_ids[role][0] for role in tokenizer.added}:
+            raise HFError(f'internal: the chat markers get ids {ids} in the exported tokenizer, not ours')
+    hf_tokenizer.chat_template = chat_template(special)
+    hf_tokenizer.eos_token = special['end']
+    # the template's markers must be read as the tokens they are (the rendered conversation is text), so a chat
+    # export does not split special tokens: unlike our encode(), text typed with a marker in it would give its id
+    hf_tokenizer.split_special_tokens = False
+    return hf_tokenizer
+
+
+def _hf_base_tokenizer(tokenizer, description):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     # like ours: decode gives the text back as is; '<|endoftext|>' typed in a prompt is text, not the token

@@ -291,3 +291,19 @@ def test_eval_scores_a_chat_dataset_on_the_replies_alone(tuned, chats):
                     count += 1
     assert int(rows[1][-4].replace(',', '')) == count < len(ids) - 1
     assert abs(float(rows[1][-3]) - total / count) < 5e-5
+
+
+def test_an_exported_chat_model_chats_in_transformers_as_here(tuned, tmp_path, hub_offline):
+    """export_hf.py carries the template: transformers' apply_chat_template gives our ids for a conversation (the
+    markers as their own tokens), and greedy generate ends each reply at the end of turn with the reply we give."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run('export_hf.py', f'--out_dir={tuned / "whole"}', f'--hf_dir={tmp_path}')
+    hf_tokenizer, hf_model = AutoTokenizer.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)
+    model, description, _ = load_model(tuned / 'whole')
+    tok = load_tokenizer(description)
+    messages = [{'role': 'user', 'content': QA[0][0]}, {'role': 'assistant', 'content': QA[0][1]},
+                {'role': 'user', 'content': QA[1][0]}]
+    ours = tok.render(messages)[0] + tok.marker_ids['assistant']
+    assert list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)['input_ids']) == ours
+    out = hf_model.generate(torch.tensor([ours]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ours):].tolist()
+    assert out[-1] == tok.end_id and hf_tokenizer.decode(out, skip_special_tokens=True) == QA[1][1]
