@@ -244,6 +244,12 @@ def test_gpt2_weights_fine_tune_on_conversations_in_their_own_vocabulary(chats, 
     mask = open_mask(tmp_path / 'data', 'train', meta)
     ends = mask[ids == bpe.eot_id]  # every turn's end, user and assistant turns in turn: the replies' are in the loss
     assert len(ends) > 0 and not ends[0::2].any() and ends[1::2].all()
+    # exported, its plain-text roles and end-of-text turn ends render in transformers as here
+    from transformers import AutoTokenizer
+    run('export_hf.py', f'--out_dir={tmp_path / "out"}', f'--hf_dir={tmp_path / "hf"}')
+    messages = [{'role': 'user', 'content': 'Romeo loves?'}, {'role': 'assistant', 'content': 'JULIET.'}]
+    exported = AutoTokenizer.from_pretrained(tmp_path / 'hf').apply_chat_template(messages)['input_ids']
+    assert list(exported) == chat.render(messages)[0]
 
 
 def test_bad_conversations_and_a_model_without_a_template_give_one_line(base, chats, tmp_path, capsys):
