@@ -20,8 +20,7 @@ import time
 from tqdm import tqdm
 
 from configurator import configure, fail
-from dataset import DatasetError
-from prepare import input_files
+from dataset import DatasetError, input_files
 from topics import TopicsError, append_record, read_records, read_topics, settings_of
 
 # -----------------------------------------------------------------------------

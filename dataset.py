@@ -13,6 +13,7 @@ and its tokenizer description carries the chat template (special_tokens).
 import json
 import math
 import os
+import pathlib
 import unicodedata
 
 import numpy as np
@@ -214,6 +215,19 @@ def sample_windows(data, block_size, batch_size, rng, mask=None):
                            f'rare in this chat dataset; use a larger --block_size')
     rows = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
     return np.ascontiguousarray(rows[:, :-1]), np.where(keep, rows[:, 1:], -1)  # contiguous, as pinned copies need
+
+
+def input_files(path, pattern):
+    """The text files of an input: the file itself, or every file matching pattern in the folder and below it,
+    sorted (prepare.py, synthesize.py and classify_topics.py read corpora this way)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DatasetError(f'input {path} not found: give a text file or a folder of them')
+    files = sorted(str(p) for p in pathlib.Path(path).rglob(pattern) if p.is_file())
+    if not files:
+        raise DatasetError(f'no files matching {pattern} in {path}: set --input_glob (e.g. --input_glob="*.md")')
+    return files
 
 
 def read_text(input_path, url, cache_path, encoding_errors='strict'):

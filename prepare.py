@@ -24,7 +24,6 @@ import html
 import itertools
 import multiprocessing
 import os
-import pathlib
 import re
 import signal
 import sys
@@ -36,7 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure, fail
-from dataset import DatasetError, DatasetWriter, decode_utf8, normalize_unicode, token_dtype, unicode_form
+from dataset import (DatasetError, DatasetWriter, decode_utf8, input_files, normalize_unicode, token_dtype,
+                     unicode_form)
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 from topics import TopicsError, cap_per_topic, read_labels
 
@@ -147,17 +147,6 @@ def clean(text, options):
 
 
 # --- reading --------------------------------------------------------------------------------------------
-
-def input_files(path, pattern):
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise DatasetError(f'input {path} not found: give a text file or a folder of them')
-    files = sorted(str(p) for p in pathlib.Path(path).rglob(pattern) if p.is_file())
-    if not files:
-        raise DatasetError(f'no files matching {pattern} in {path}: set --input_glob (e.g. --input_glob="*.md")')
-    return files
-
 
 def balance_topics(files):
     """The files left once each topic keeps at most max_per_topic of them; prints how many each topic kept."""

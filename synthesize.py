@@ -26,8 +26,7 @@ from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
 from configurator import configure, fail
-from dataset import DatasetError
-from prepare import input_files
+from dataset import DatasetError, input_files
 from sample_quality import ngrams, words
 from topics import TopicsError, append_record, read_records, read_topics, settings_of
 
