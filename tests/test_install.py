@@ -306,10 +306,13 @@ def test_quickstart_stops_when_install_fails(tmp_path):
     assert not [c for c in m.calls() if c and c[0].endswith('.py')]
 
 
+WORKERS = ['-n', '2', '--dist', 'loadfile']  # pytest-xdist: two worker processes, whole files each
+
+
 @pytest.mark.parametrize('script, args, pytest_args', [
-    ('test.sh', ['-k', 'tokenizer'], ['tests', '-k', 'tokenizer']),
-    ('.ci/run', [], ['tests']),
-    ('test.sh', ['-x', 'tests/test_a.py::test_b'], ['-x', 'tests/test_a.py::test_b']),  # that test only
+    ('test.sh', ['-k', 'tokenizer'], [*WORKERS, 'tests', '-k', 'tokenizer']),
+    ('.ci/run', [], [*WORKERS, 'tests']),
+    ('test.sh', ['-x', 'tests/test_a.py::test_b'], [*WORKERS, '-x', 'tests/test_a.py::test_b']),  # that test only
 ])
 def test_test_command_installs_dev_requirements_and_passes_arguments_to_pytest(tmp_path, script, args, pytest_args):
     repo = copy_front_door(tmp_path)
