@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model, read_checkpoint, save_checkpoint
-from conftest import SHARED, TINY_TEXT, TINY_TRAIN, assert_clean_error, final_weights, run, run_all
+from conftest import SHARED, TINY_TEXT, TINY_TRAIN, assert_clean_error, final_weights, run, run_all, torchrun
 from dataset import DatasetError, load_meta, open_mask, open_split, sample_windows
 from model import GPT, GPTConfig
 import prepare_chat
@@ -313,3 +313,18 @@ def test_an_exported_chat_model_chats_in_transformers_as_here(tuned, tmp_path, h
     assert list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)['input_ids']) == ours
     out = hf_model.generate(torch.tensor([ours]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ours):].tolist()
     assert out[-1] == tok.end_id and hf_tokenizer.decode(out, skip_special_tokens=True) == QA[1][1]
+
+
+def test_a_chat_fine_tune_runs_in_several_processes_under_ddp_and_fsdp_alike(base, chats, tmp_path):
+    """Two processes (gloo), the template's tokens growing the vocabulary first: DDP and FSDP, on the same masked
+    batches, end with the same weights (to float rounding), and the grown rows are trained."""
+    common = [f'--dataset={chats}', f'--init_from={base}', *FINE_TUNE, '--max_iters=6', '--eval_interval=6',
+              '--gradient_accumulation_steps=2']
+    for parallel in ('ddp', 'fsdp'):
+        torchrun(2, 'train.py', *common, f'--out_dir={tmp_path / parallel}', f'--parallel={parallel}')
+    (_, ddp), (_, fsdp) = final_weights(tmp_path / 'ddp'), final_weights(tmp_path / 'fsdp')
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:  # the same sums in another order (all-reduce vs reduce-scatter): equal up to float rounding
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-6, msg=key)
+    rows = ddp['transformer.wte.weight'][len(CHARS):len(CHARS) + 4]
+    assert rows.shape == (4, 32) and not torch.allclose(rows, rows.mean(dim=0))  # no longer all the same mean
