@@ -24,8 +24,8 @@ PARALLEL = ('ddp', 'fsdp')
 
 
 def replicate(model, device_type, local_rank):
-    """DDP. No buffer broadcasts: the only buffers (rotary tables) are constants, and a broadcast in a forward
-    that only some processes run (the master's sample) would meet no partner (gloo aborts, NCCL hangs)."""
+    """DDP. No buffer broadcasts: the only buffers (rotary tables) are constants, so broadcasting them before every
+    forward would only cost time."""
     return DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None,
                                    broadcast_buffers=False)
 
