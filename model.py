@@ -283,6 +283,24 @@ class GPT(nn.Module):
         if self.config.position == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    def grow_vocabulary(self, vocab_size):
+        """Rows for new tokens (a chat template's markers, ids after the tokenizer's own): the embedding, and an
+        untied head, grow to a multiple of 64 where the padding rows do not suffice, and each new token starts at
+        the mean of the real tokens' rows, so its embedding is an average input and its logit an average score."""
+        old = self.config.real_vocab_size or self.config.vocab_size
+        rows = max(self.config.vocab_size, math.ceil(vocab_size / 64) * 64)
+        layers = [self.transformer.wte] + ([] if self.config.tie_weights else [self.lm_head])
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.weight.new_zeros(rows, layer.weight.size(1))
+                weight[:old] = layer.weight[:old]
+                weight[old:vocab_size] = layer.weight[:old].mean(dim=0)
+                layer.weight = nn.Parameter(weight)
+        if self.config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = rows
+        self.config.vocab_size, self.config.real_vocab_size = rows, vocab_size
+
     def fused_matrices(self):
         """The weights that stack several matrices by rows, by name, with how many: each attention's query, key
         and value projections (3) and SwiGLU's gate and value (2). Muon orthogonalises each part on its own."""

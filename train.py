@@ -242,25 +242,6 @@ def get_batch(split, rng):
         fail(e)
 
 
-def grow_vocabulary(model, vocab_size):
-    """Rows for a chat dataset's new tokens (its template's markers, ids after the model's own): the embedding, and
-    an untied head, grow to a multiple of 64 where the padding rows do not suffice, and each new token starts at the
-    mean of the real tokens' rows, so its embedding is an average input and its logit an average score."""
-    old = model.config.real_vocab_size or model.config.vocab_size
-    rows = max(model.config.vocab_size, math.ceil(vocab_size / 64) * 64)
-    layers = [model.transformer.wte] + ([] if model.config.tie_weights else [model.lm_head])
-    with torch.no_grad():
-        for layer in layers:
-            weight = layer.weight.new_zeros(rows, layer.weight.size(1))
-            weight[:old] = layer.weight[:old]
-            weight[old:vocab_size] = layer.weight[:old].mean(dim=0)
-            layer.weight = torch.nn.Parameter(weight)
-    if model.config.tie_weights:
-        model.lm_head.weight = model.transformer.wte.weight
-    model.transformer.wte.num_embeddings = model.lm_head.out_features = rows
-    model.config.vocab_size, model.config.real_vocab_size = rows, vocab_size
-
-
 # model init
 iter_num = 0
 best_val_loss = 1e9
@@ -296,7 +277,7 @@ else:
         if meta['vocab_size'] > (model.config.real_vocab_size or model.config.vocab_size):
             if model_tokenizer is None:
                 fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
-            grow_vocabulary(model, meta['vocab_size'])  # a chat template's tokens (tokenizers_match said so)
+            model.grow_vocabulary(meta['vocab_size'])  # a chat template's tokens (tokenizers_match said so)
         if block_size > model.config.block_size:
             fail(f"block_size={block_size} is larger than {init_from}'s context of {model.config.block_size}: use --block_size={model.config.block_size} or less")
         if block_size < model.config.block_size:
