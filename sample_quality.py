@@ -82,16 +82,10 @@ def self_perplexity(model, prompt, samples):
     """The model's perplexity on its own samples (lists of token ids that followed the token ids of prompt): exp of
     the mean loss of the sampled tokens, each given the prompt and the sample before it. Low: the model finds its
     text predictable (often: repetitive); high: it wanders. None if the samples hold no token."""
-    import torch
-    from torch.nn import functional as F
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for sample in samples:
-            if not sample:
-                continue
-            ids = torch.tensor([prompt + sample], dtype=torch.long, device=device)
-            logits = model(ids[:, :-1])[0][0, len(prompt) - 1:].float()
-            total += F.cross_entropy(logits, ids[0, len(prompt):], reduction='sum').item()
-            count += len(sample)
-    return math.exp(total / count) if count else None
+    from multiple_choice import choice_logprobs  # a continuation's log-likelihood; it brings torch, which only this needs
+    samples = [sample for sample in samples if sample]
+    if not samples:
+        return None
+    logprobs = choice_logprobs(model, [(prompt, sample) for sample in samples], model.config.block_size,
+                               device=next(model.parameters()).device)
+    return math.exp(-sum(logprobs) / sum(map(len, samples)))
