@@ -78,12 +78,13 @@ def parse_args(argv):
     return options, a, b
 
 
-def run_train(args, target=None, steps=None, python=sys.executable):
+def run_train(args, target=None, steps=None, python=sys.executable, launcher=()):
     """Run train.py once with args; return its figures and log lines as a dict. With a target, the
     run stops at its first evaluation with val loss <= target; without one, at the target_val_loss its
-    own config sets, if any (the run reports it)."""
+    own config sets, if any (the run reports it). launcher: python's arguments before train.py, e.g. torchrun's
+    ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')."""
     out_dir = tempfile.mkdtemp(prefix='bench-')
-    cmd = [python, TRAIN, *args, f'--out_dir={out_dir}']
+    cmd = [python, *launcher, TRAIN, *args, f'--out_dir={out_dir}']
     if not any(a.startswith('--log_interval=') for a in args):
         # a timing for every iteration; on a GPU also a sync per iteration, without which a logged
         # iteration's time would include the queued work of the unlogged ones before it

@@ -8,7 +8,8 @@ Each row is `torchrun --nproc_per_node=N train.py --parallel=...` for a few iter
 Shakespeare (prepared first if it is not), ending with one checkpoint save. train.py reports every process's
 peak memory: on CUDA what PyTorch allocated, on a CPU the peak resident memory of the whole process (Python and
 PyTorch themselves are ~0.3 GiB of it). Rank 0 is shown apart: it also gathers and writes the checkpoint, in
-CPU memory. Tokens per second are the median over the iterations after the first few.
+CPU memory. Tokens per second are bench.py's: tokens per iteration over the median iteration time after the
+first few.
 
 bench options (every other --key=value goes to train.py):
   --nproc=N     processes per run (default 2)
@@ -16,18 +17,16 @@ bench options (every other --key=value goes to train.py):
 """
 import os
 import re
-import statistics
 import subprocess
 import sys
-import tempfile
 
+import bench
 from configurator import fail
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATASET = os.path.join(ROOT, 'data', 'shakespeare_char')
 MODEL = ['--n_layer=8', '--n_head=8', '--n_embd=512', '--block_size=64', '--batch_size=2', '--dropout=0.0']
 PEAKS_RE = re.compile(r'^peak memory per process: ([\d, ]+) MiB \((.*)\)$', re.M)
-ITER_RE = re.compile(r'^iter (\d+): loss \S+, time ([\d.]+)ms, ([\d,]+) tok/s$', re.M)
 
 
 def peaks_per_process(log):
@@ -38,23 +37,13 @@ def peaks_per_process(log):
     return [float(v.replace(',', '')) for v in m[1].split(', ')], m[2]
 
 
-def tokens_per_second(log):
-    rates = [float(m[3].replace(',', '')) for m in ITER_RE.finditer(log)]
-    steady = rates[min(3, len(rates) // 2):]
-    return statistics.median(steady) if steady else None
-
-
-def torchrun(nproc, args, out_dir):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           os.path.join(ROOT, 'train.py'), *args, f'--out_dir={out_dir}']
-    # glibc otherwise serves large tensors from per-thread heaps after the first frees, and keeps what they
-    # free: the resident memory then grows with every step and measures the allocator, not the tensors alive
-    env = dict(os.environ, OMP_NUM_THREADS='1', MALLOC_MMAP_THRESHOLD_='65536')
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-        fail(f'train.py failed under torchrun with exit code {proc.returncode}: {" ".join(args)}')
-    return proc.stdout
+def torchrun_train(nproc, args):
+    """bench.run_train under torchrun with nproc processes; stops the benchmark if the run fails."""
+    run = bench.run_train(args, launcher=('-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'))
+    if run['returncode'] != 0:
+        print('\n'.join(run['lines'][-40:]), file=sys.stderr)
+        fail(f'train.py failed under torchrun with exit code {run["returncode"]}: {" ".join(args)}')
+    return run
 
 
 def main(argv):
@@ -68,6 +57,9 @@ def main(argv):
         else:
             train_args.append(arg)
     nproc, steps = options['nproc'], options['steps']
+    # glibc otherwise serves large tensors from per-thread heaps after the first frees, and keeps what they
+    # free: the resident memory then grows with every step and measures the allocator, not the tensors alive
+    os.environ.update(OMP_NUM_THREADS='1', MALLOC_MMAP_THRESHOLD_='65536')
     if not os.path.exists(os.path.join(DATASET, 'train.bin')):
         subprocess.run([sys.executable, os.path.join(DATASET, 'prepare.py')], check=True, capture_output=True)
     common = [f'--dataset={DATASET}', '--device=cpu', '--compile=False', *MODEL, f'--max_iters={steps}',
@@ -78,12 +70,12 @@ def main(argv):
                               (f'{nproc} x FSDP', nproc, 'fsdp')):
         if n == 1 and nproc == 1:
             continue
-        with tempfile.TemporaryDirectory() as out_dir:
-            log = torchrun(n, [*common, f'--parallel={parallel}'], out_dir)
+        run = torchrun_train(n, [*common, f'--parallel={parallel}'])
+        log = '\n'.join(run['lines'])
         peaks, kind = peaks_per_process(log)
         if peaks is None:
             fail(f'train.py printed no peak memory for {name}')
-        rows.append((name, peaks[0], max(peaks[1:], default=None), tokens_per_second(log), kind))
+        rows.append((name, peaks[0], max(peaks[1:], default=None), bench.summarize(run)['tokens_per_sec'], kind))
         print(f'{name}: peak per process {", ".join(f"{p:,.0f}" for p in peaks)} MiB', file=sys.stderr, flush=True)
     params = next(line for line in log.splitlines() if 'parameters,' in line).split(' parameters')[0]
     print(f'\n{params} parameters, {" ".join(train_args) or "default settings"}; peak memory: {kind}')
