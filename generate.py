@@ -174,13 +174,14 @@ def filter_top_p(logits, top_p):
     return logits.masked_fill(drop, -float('inf'))
 
 
-def sample_token(logits, temperature=1.0, top_k=None, top_p=None):
-    """Pick the next token of each row from (B, vocab) logits. temperature 0 means greedy."""
+def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token of each row from (B, vocab) logits. temperature 0 means greedy. generator: the random
+    stream to draw from (torch's global one by default)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)[:, 0]
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
 def _next_logits(decoder, repetition_penalty, vocab_size):
@@ -194,20 +195,24 @@ def _next_logits(decoder, repetition_penalty, vocab_size):
 
 @torch.no_grad()
 def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                    use_cache=True, vocab_size=None):
+                    use_cache=True, vocab_size=None, generator=None, sync=None):
     """Yield the next token of every row of idx (B, T), as a (B,) tensor, max_new_tokens times.
-    vocab_size: only ids below it may be picked (the tokenizer's size, when the model's is padded)."""
+    vocab_size: only ids below it may be picked (the tokenizer's size, when the model's is padded).
+    generator: the random stream of the draws. sync(tokens): the tokens every process goes on with, when several
+    run the model together (FSDP: all must run the same forward passes, and stop together)."""
     yield from continue_tokens(Decoder(model, idx, use_cache, max_new_tokens), max_new_tokens, temperature, top_k,
-                               top_p, repetition_penalty, vocab_size)
+                               top_p, repetition_penalty, vocab_size, generator, sync)
 
 
 @torch.no_grad()
 def continue_tokens(decoder, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                    vocab_size=None):
+                    vocab_size=None, generator=None, sync=None):
     """generate_tokens on a Decoder the caller keeps: a conversation goes on in the same cache, turn after turn.
     Each token is appended to the decoder before it is yielded."""
     for _ in range(max_new_tokens):
-        token = sample_token(_next_logits(decoder, repetition_penalty, vocab_size), temperature, top_k, top_p)
+        token = sample_token(_next_logits(decoder, repetition_penalty, vocab_size), temperature, top_k, top_p, generator)
+        if sync is not None:
+            token = sync(token)
         decoder.append(token)
         yield token
 
@@ -297,12 +302,13 @@ def _held_back(text, stop):
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=100, temperature=1.0, top_k=None,
                   top_p=None, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, stop=(), use_cache=True,
-                  on_text=None, progress=False):
+                  on_text=None, progress=False, generator=None, sync=None):
     """Complete the prompt (a list of token ids) num_samples times; returns the completions as strings.
     A completion ends after max_new_tokens tokens, at the tokenizer's end-of-text token, or just before
     the first of the stop strings; neither the end-of-text nor the stop string is part of it.
     on_text(row, text) receives each completion's new text as soon as it is final: while sampling, it
-    streams; beam search only knows its winner at the end. Stop strings cut beam search's winner afterwards."""
+    streams; beam search only knows its winner at the end. Stop strings cut beam search's winner afterwards.
+    generator and sync: see generate_tokens (sampling only)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     vocab_size = tokenizer.vocab_size
@@ -324,7 +330,7 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
         done = [False] * num_samples
         shown = [0] * num_samples
         steps = generate_tokens(model, idx.repeat(num_samples, 1), max_new_tokens, temperature, top_k, top_p,
-                                repetition_penalty, use_cache, vocab_size)
+                                repetition_penalty, use_cache, vocab_size, generator, sync)
         for token in steps:
             if bar is not None:
                 bar.update(1)
