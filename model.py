@@ -202,29 +202,44 @@ class GPT(nn.Module):
             # weight tying: the same matrix embeds tokens and scores them (https://paperswithcode.com/method/weight-tying)
             self.transformer.wte.weight = self.lm_head.weight
 
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight'):
-                # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
-                # does not grow with depth; the speedrun starts them at zero so each block begins as identity
-                if config.zero_init_proj:
-                    torch.nn.init.zeros_(p)
-                else:
-                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.zero_init_proj and not config.tie_weights:
-            torch.nn.init.zeros_(self.lm_head.weight)
         # a training switch, not part of the architecture: keep only each block's input from the forward pass
         # and recompute the block's activations during backward (a block's worth of memory instead of all of
         # them, for about a third more compute), for long contexts or large batches
         self.activation_checkpointing = False
+        if not self.lm_head.weight.is_meta:  # built on the meta device, the weights get their values later
+            self.init_weights()
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def init_weights(self, generator=None, assign=None):
+        """GPT-2's initialisation: matrices and embeddings N(0, 0.02), residual output projections N(0, 0.02 /
+        sqrt(2 * n_layer)) so the residual stream's variance does not grow with depth (or zero with
+        zero_init_proj: each block then starts as the identity, the speedrun's choice, as does an untied head),
+        biases 0, norm gains 1. Each parameter is drawn whole on the CPU from generator (torch's global one by
+        default), in the order of named_parameters: the weights depend on the generator's seed alone, not on
+        the device nor on how the parameters are split over processes. assign(param, value) stores a value
+        (FSDP keeps this process's rows of it); by default the whole value is copied in."""
+        for name, p in self.named_parameters():
+            value = torch.empty(p.shape, dtype=p.dtype)
+            zero = self.config.zero_init_proj and (name.endswith('c_proj.weight') or name == 'lm_head.weight')
+            if p.ndim == 1:  # a Linear's or a norm's bias, or a norm's gain
+                value.fill_(1.0 if name.endswith('weight') else 0.0)
+            elif zero:
+                value.zero_()
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith('c_proj.weight') else 0.02
+                value.normal_(0.0, std, generator=generator)
+            if assign is None:
+                p.copy_(value)
+            else:
+                assign(p, value)
+
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty (storage for a model built on the meta device, values unset), keeping the embedding
+        and the head one tensor: nn.Module's gives each module a new tensor of its own."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_weights and self.lm_head.weight is not self.transformer.wte.weight:
+            self.lm_head.weight = self.transformer.wte.weight
+        return self
 
     def get_num_params(self, non_embedding=True):
         """Number of parameters. Position embeddings are left out by default; the token embedding is

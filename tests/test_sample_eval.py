@@ -169,7 +169,7 @@ def test_eval_full_pass_and_text_file_side_by_side(trained, loaded, char_dataset
     ckpt = read_checkpoint(out)
     changed, _, _ = load_model(out)
     with torch.no_grad():
-        changed.lm_head.weight.mul_(1.5)
+        changed.lm_head.weight.mul_(4.0)  # a loss that differs in the table's 3 decimals
     save_checkpoint(other, changed, None, 20, 0.0, ckpt['model_args'], ckpt['config'], ckpt['tokenizer'])
     text = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name.\n" * 3
     text_file = tmp_path / 'text.txt'
