@@ -149,7 +149,9 @@ def load_gpt2(name, dropout=0.0):
             hf_model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
     except Exception as e:
         raise HFError(f'cannot load the weights of {source}: {_first_line(e)}') from None
-    model = GPT(config)
+    with torch.device('meta'):  # storage below, values from the state dict: none drawn only to be overwritten
+        model = GPT(config)
+    model.to_empty(device='cpu')
     missing, unexpected = model.load_state_dict(state_from_hf(hf_model.state_dict()), strict=False)
     missing = [k for k in missing if not (k == 'lm_head.weight' and config.tie_weights)]
     if missing or unexpected:
