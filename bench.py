@@ -78,12 +78,14 @@ def parse_args(argv):
     return options, a, b
 
 
-def run_train(args, target=None, steps=None, python=sys.executable, launcher=()):
+def run_train(args, target=None, steps=None, python=sys.executable, launcher=(), out_dir=None):
     """Run train.py once with args; return its figures and log lines as a dict. With a target, the
     run stops at its first evaluation with val loss <= target; without one, at the target_val_loss its
     own config sets, if any (the run reports it). launcher: python's arguments before train.py, e.g. torchrun's
-    ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')."""
-    out_dir = tempfile.mkdtemp(prefix='bench-')
+    ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'). out_dir: where the run writes (kept,
+    for a resume); by default a temporary folder, removed after the run."""
+    keep = out_dir is not None
+    out_dir = out_dir or tempfile.mkdtemp(prefix='bench-')
     cmd = [python, *launcher, TRAIN, *args, f'--out_dir={out_dir}']
     if not any(a.startswith('--log_interval=') for a in args):
         # a timing for every iteration; on a GPU also a sync per iteration, without which a logged
@@ -122,7 +124,8 @@ def run_train(args, target=None, steps=None, python=sys.executable, launcher=())
     if run['memory_kind'] is None and max_rss_mib is not None:
         run['peak_memory_mib'], run['memory_kind'] = max_rss_mib, 'RSS'
     run['returncode'] = returncode
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out_dir, ignore_errors=True)
     find_target(run, run['target'])  # a target_val_loss the run itself reports only when it stops
     return run
 

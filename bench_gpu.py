@@ -11,8 +11,9 @@ quotes for GPUs.
    tokens per second, MFU and peak memory over gpt2_steps steps, on random tokens (speed does not depend on
    the text, and OpenWebText takes hours to prepare).
 3. KV-cache sampling (bench_sample.py on the GPU): tokens per second with and without the cache.
-4. One-GPU torchrun runs that save, resume and finish, under DDP and under FSDP (compiled, bfloat16): the
-   launcher paths multi-GPU users take.
+4. One-GPU torchrun runs that save, resume and finish, under DDP and under FSDP (compiled, bfloat16), with and
+   without training-time samples: the launcher paths multi-GPU users take, the recompilations a sample adds (0),
+   and the peak memory of each phase (start, training, save, resume).
 
 Every training figure comes from train.py's own log, read by bench.py. Without a CUDA GPU it says so and
 exits 2; --tiny=True rehearses the whole script in a minute on any device, with tiny models (it checks the
@@ -85,21 +86,31 @@ def sampling_speed():
 
 
 def torchrun_smoke(out_dir, parallel):
-    """train.py under torchrun with one process and --parallel=parallel: train, save, resume, finish. Returns the
-    seconds it took."""
+    """train.py under torchrun with one process and --parallel=parallel: train, save, resume, finish, with a
+    training-time sample at each evaluation (decoded eagerly beside the compiled model). Returns the seconds it
+    took, how many recompilations the sampled run logged beyond the same run without samples, and the resumed
+    run's peak memory by phase."""
     steps, evals = (6, ['--eval_interval=3']) if tiny else (20, ['--eval_interval=10', '--eval_iters=5'])
     base = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
             os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'config', 'shakespeare_char.py'), *common, *evals,
-            f'--out_dir={out_dir}', '--log_interval=5', f'--parallel={parallel}']
+            '--log_interval=5', f'--parallel={parallel}']
+    env = dict(os.environ, TORCH_LOGS='recompiles')
     t0 = time.perf_counter()
-    for args in ([f'--max_iters={steps // 2}'], [f'--max_iters={steps}', '--init_from=resume']):
-        proc = subprocess.run([*base, *args], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
-            fail(f'the torchrun run ({parallel}, {" ".join(args)}) failed with exit code {proc.returncode}')
-    if 'Resuming training' not in proc.stdout or f'step {steps}:' not in proc.stdout:
-        fail(f'the torchrun run ({parallel}) did not resume from its checkpoint and finish')
-    return time.perf_counter() - t0
+    recompiles = []
+    for sampled in (False, True):
+        folder = os.path.join(out_dir, 'sampled' if sampled else 'plain')
+        for args in ([f'--max_iters={steps // 2}'], [f'--max_iters={steps}', '--init_from=resume']):
+            more = [f'--sample_interval={steps // 2}'] if sampled else []
+            proc = subprocess.run([*base, f'--out_dir={folder}', *args, *more], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
+                fail(f'the torchrun run ({parallel}, {" ".join(args)}) failed with exit code {proc.returncode}')
+            if 'Resuming training' in proc.stdout:
+                recompiles.append(proc.stderr.count('Recompiling function'))
+        if 'Resuming training' not in proc.stdout or f'step {steps}:' not in proc.stdout:
+            fail(f'the torchrun run ({parallel}) did not resume from its checkpoint and finish')
+    phases = re.search(r'^peak memory by phase, MiB per process: (.*)$', proc.stdout, re.M)
+    return time.perf_counter() - t0, recompiles[1] - recompiles[0], phases[1] if phases else '-'
 
 
 rows = []
@@ -136,8 +147,10 @@ rows.append(('KV-cache sampling, 1,000 greedy tokens, baby GPT (tokens/s)',
 # (a rehearsal runs the FSDP one only: the suite's two-process tests already run DDP, and this is the same code)
 for parallel in ('fsdp',) if tiny else ('ddp', 'fsdp'):
     with tempfile.TemporaryDirectory() as out:
-        rows.append((f'torchrun, 1 process, {parallel.upper()}: train, save, resume, finish',
-                     f'ok in {torchrun_smoke(out, parallel):.0f} s'))
+        seconds, recompiles, phases = torchrun_smoke(out, parallel)
+        rows.append((f'torchrun, 1 process, {parallel.upper()}: train, save, resume, finish, with samples',
+                     f'ok in {seconds:.0f} s; recompilations for the samples: {recompiles}'))
+        rows.append(('  resumed run, peak MiB by phase', phases))
 
 import torch
 print(f"\n{torch.cuda.get_device_name(device) if not tiny else 'rehearsal (--tiny=True): tiny models, the figures measure nothing'}, "

@@ -26,15 +26,16 @@ import json
 import os
 import re
 import socket
+import struct
 from typing import NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
 from atomic_write import atomic_write_bytes, atomic_write_json, fsync_dir
 from hf_gpt2 import GPT2_NAMES, load_gpt2
 from model import GPT, GPTConfig
+from parallel import copy_local, like, local_rows
 
 CHECKPOINT_NAME = 'checkpoint.json'
 BEST_NAME = 'best.json'
@@ -75,18 +76,65 @@ def lock_out_dir(out_dir):
     return f
 
 
-def model_state(model, weights=None):
-    """The weights to save (model's, or weights: its state_dict gathered from shards): contiguous tensors, a tied
-    head stored once (as the embedding)."""
-    state = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()}
+def model_state(model):
+    """The weights to save, a tied head stored once (as the embedding)."""
+    state = dict(model.state_dict())
     if model.config.tie_weights:
         state.pop('lm_head.weight', None)
     return state
 
 
-def save_tensors(path, tensors):
-    data = save({k: v.cpu() for k, v in tensors.items()}, metadata={'format': 'pt'})
-    atomic_write_bytes(path, lambda f: f.write(data))
+# safetensors' names of the dtypes a checkpoint holds
+SAFETENSORS_DTYPES = {torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16',
+                      torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8', torch.uint8: 'U8',
+                      torch.bool: 'BOOL'}
+
+
+def _cpu(tensor):
+    return tensor.detach().cpu()
+
+
+def _file_order(tensors):
+    """The order tensors go into a file: widest dtype first, so that after the 8-byte-aligned header every tensor
+    starts at a multiple of its own size (as safetensors' own writer does); by name within a dtype."""
+    return sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+
+
+def save_tensors(path, tensors, fetch=_cpu, finite=False):
+    """Write tensors (name -> tensor) to path as a safetensors file, one tensor at a time: the header comes from
+    their shapes, then each tensor is fetched (fetch(tensor): the whole tensor on the CPU, gathered from shards
+    under FSDP) and written, so no more than one tensor is ever held beyond what already exists. finite: refuse
+    (CheckpointError, nothing written) a floating-point tensor holding NaN or inf; every tensor is still fetched,
+    since under FSDP the other processes take part in each gather. Atomic, as every file here."""
+    names = _file_order(tensors)
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.dtype.itemsize
+        header[name] = {'dtype': SAFETENSORS_DTYPES[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + size]}
+        offset += size
+    header = json.dumps(header, separators=(',', ':')).encode('utf-8')
+    header += b' ' * (-len(header) % 8)
+    bad = []
+
+    def write(f):
+        f.write(struct.pack('<Q', len(header)))
+        f.write(header)
+        for name in names:
+            t = fetch(tensors[name])
+            if finite and t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(name)
+            if not bad:  # little-endian bytes, as safetensors stores them (every machine PyTorch runs on)
+                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        if bad:
+            raise CheckpointError(f'{bad[0]} (and {len(bad) - 1} more) hold NaN or inf')
+    atomic_write_bytes(path, write)
+
+
+def fetch_all(tensors, fetch):
+    """What a process that lends its shards to the master's save does: the same fetches, in the same order."""
+    for name in _file_order(tensors):
+        fetch(tensors[name])
 
 
 def _split_optimizer_state(state):
@@ -95,7 +143,7 @@ def _split_optimizer_state(state):
     for pid, param_state in state['state'].items():
         for name, value in param_state.items():
             if torch.is_tensor(value):
-                tensors[f'state.{pid}.{name}'] = value.contiguous()
+                tensors[f'state.{pid}.{name}'] = value
             else:
                 scalars[f'{pid}.{name}'] = value
     return tensors, {'param_groups': state['param_groups'], 'scalars': scalars}
@@ -162,31 +210,35 @@ def _named_files(out_dir):
 
 
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_args, config, tokenizer,
-                    training_state=None, ranks=None, best=False, weights=None, optimizer_state=None):
-    """weights, optimizer_state: model's state_dict and optimizer's, when gathered from shards (FSDP) rather
-    than read from them here. training_state: whatever else, JSON-able, an exact resume needs (the loss scale). ranks: what each
-    process needs to continue exactly, rank 0 first: dicts of its random generators' states, tensors (its
-    torch generators, into the optimizer file) or JSON-able values (its batch sampler). By default this
-    process's rng_state(). best: these weights have the best val loss so far (best.json names them too).
+                    training_state=None, ranks=None, best=False, fetch=_cpu, write=True):
+    """training_state: whatever else, JSON-able, an exact resume needs (the loss scale). ranks: what each process
+    needs to continue exactly, rank 0 first: dicts of its random generators' states, tensors (its torch
+    generators, into the optimizer file) or JSON-able values (its batch sampler). By default this process's
+    rng_state(). best: these weights have the best val loss so far (best.json names them too).
+    fetch(tensor): the whole tensor on the CPU (parallel.gatherer under FSDP, where the model and optimizer hold
+    shards); the files are written one tensor at a time. write=False: this process only lends its shards to the
+    master's gathers (FSDP's other processes): it fetches what the master fetches, in the same order.
     Raises CheckpointError, and writes nothing, if a weight is not finite."""
-    state = model_state(model, weights)
-    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise CheckpointError(f'not saving iteration {iter_num}: {bad[0]} (and {len(bad) - 1} more) hold NaN or inf; '
-                              f'the last good checkpoint stays in {out_dir}')
-    os.makedirs(out_dir, exist_ok=True)
-    taken = _named_files(out_dir)
-    model_file, optimizer_file = _unused_name('model', iter_num, taken), _unused_name('optimizer', iter_num, taken)
-    if optimizer_state is None and optimizer is not None:
-        optimizer_state = optimizer.state_dict()
-    opt_tensors, opt_json = ({}, None) if optimizer_state is None else _split_optimizer_state(optimizer_state)
+    state = model_state(model)
+    opt_tensors, opt_json = ({}, None) if optimizer is None else _split_optimizer_state(optimizer.state_dict())
+    if not write:
+        fetch_all(state, fetch)
+        fetch_all(opt_tensors, fetch)
+        return
     rank_json = []
     for rank, rank_state in enumerate(ranks or [rng_state()]):
         rank_json.append({k: v for k, v in rank_state.items() if not torch.is_tensor(v)})
         opt_tensors.update({f'rank{rank}.{k}': v for k, v in rank_state.items() if torch.is_tensor(v)})
+    os.makedirs(out_dir, exist_ok=True)
+    taken = _named_files(out_dir)
+    model_file, optimizer_file = _unused_name('model', iter_num, taken), _unused_name('optimizer', iter_num, taken)
     try:
-        save_tensors(os.path.join(out_dir, model_file), state)
-        save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors)
+        try:
+            save_tensors(os.path.join(out_dir, model_file), state, fetch, finite=True)
+        except CheckpointError as e:
+            fetch_all(opt_tensors, fetch)  # the other processes' share of the optimizer file's gathers
+            raise CheckpointError(f'not saving iteration {iter_num}: {e}; the last good checkpoint stays in {out_dir}') from None
+        save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors, fetch)
         fsync_dir(out_dir)  # both weight files are in place for good before checkpoint.json names them
         common = dict(format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
                       tokenizer=tokenizer, model_file=model_file)
@@ -278,11 +330,48 @@ def _safetensors_error(path, e):
     return CheckpointError(f'{path} is not a readable safetensors file (damaged, or not written by train.py): {e}')
 
 
-def _load_tensors(path, device='cpu'):
-    try:
-        return load_file(path, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise _safetensors_error(path, e) from None
+class TensorFile:
+    """A safetensors file (checked whole by the safetensors library first) read one tensor at a time with plain
+    reads, each tensor whole or only the rows this process holds of the parameter it is loaded into
+    (parallel.local_rows: a process of an FSDP run reads 1/N of every sharded tensor). Not through a memory map:
+    what is read becomes this process's own memory and nothing of the file stays mapped once it is closed, so a
+    later save can free its disk space (a map of it would live as long as an optimizer state read from it)."""
+
+    def __init__(self, path):
+        try:
+            with safe_open(path, framework='pt') as f:  # validates the header: names, dtypes, shapes, offsets
+                self.names = list(f.keys())
+            self.file = open(path, 'rb')
+            length = struct.unpack('<Q', self.file.read(8))[0]
+            self.header = json.loads(self.file.read(length))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _safetensors_error(path, e) from None
+        self.start = 8 + length
+
+    def shape(self, name):
+        return tuple(self.header[name]['shape'])
+
+    def read(self, name, like=None):
+        """Tensor name; with like (the parameter it goes into, or a state of that parameter's shape), only the
+        rows this process holds of it."""
+        info = self.header[name]
+        dtype = next(t for t, n in SAFETENSORS_DTYPES.items() if n == info['dtype'])
+        shape, (begin, end) = list(info['shape']), info['data_offsets']
+        rows = local_rows(like) if like is not None else None
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0]
+            begin, end, shape[0] = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes, rows[1] - rows[0]
+        out = torch.empty(shape, dtype=dtype)
+        self.file.seek(self.start + begin)
+        if self.file.readinto(out.view(-1).view(torch.uint8).numpy()) != end - begin:
+            raise OSError(f'{self.file.name} ends before its tensor {name}')
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
 
 
 def _check_weights_fit(path, config):
@@ -307,39 +396,67 @@ def _check_weights_fit(path, config):
                               f'in the file and {expected.get(wrong[0], "absent")} in the model the config describes')
 
 
-def _load_checkpoint_model(out_dir, device='cpu', name=CHECKPOINT_NAME, **overrides):
-    """Rebuild the model saved in out_dir (the checkpoint that name, checkpoint.json or best.json, describes), with
-    any GPTConfig fields in overrides changed (dropout, when resuming with another). Returns (model, its JSON).
-    Raises CheckpointError."""
-    ckpt = read_checkpoint(out_dir, name)
-    if not os.path.exists(os.path.join(out_dir, ckpt['model_file'])):
-        ckpt = read_checkpoint(out_dir, name)  # a run saved a newer checkpoint between our two reads: take that one
-    path = _tensors_file(out_dir, ckpt['model_file'])
+def checkpoint_model(out_dir, ckpt, **overrides):
+    """The model the checkpoint JSON ckpt describes, with the GPTConfig fields in overrides changed (dropout, when
+    resuming with another), on the meta device: shapes, no memory. Its weight file's header is checked against it
+    first, so a damaged or crafted checkpoint allocates nothing. Raises CheckpointError."""
     try:
         config = GPTConfig(**{**ckpt['model_args'], **overrides})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'{out_dir}: {e}') from None
-    _check_weights_fit(path, config)
-    model = GPT(config)
-    model.load_state_dict(_load_tensors(path), strict=False)  # strict apart from a tied head, checked above
+    _check_weights_fit(_tensors_file(out_dir, ckpt['model_file']), config)
+    with torch.device('meta'):
+        return GPT(config)
+
+
+def load_weights(out_dir, ckpt, model):
+    """Fill model (checkpoint_model's, given storage: values unset, or sharded by FSDP) with the weights of the
+    checkpoint ckpt, one tensor at a time: no more than the largest tensor is held beside the model, and each
+    process of an FSDP run reads only its rows. Raises CheckpointError."""
+    path = _tensors_file(out_dir, ckpt['model_file'])
+    try:
+        with TensorFile(path) as f, torch.no_grad():
+            for name, p in model.named_parameters():  # a tied head is the embedding: stored once, loaded once
+                copy_local(p, f.read(name, p))
+    except OSError as e:
+        raise _safetensors_error(path, e) from None
+
+
+def _load_checkpoint_model(out_dir, device='cpu', name=CHECKPOINT_NAME, **overrides):
+    """Rebuild the model saved in out_dir (the checkpoint that name, checkpoint.json or best.json, describes), with
+    any GPTConfig fields in overrides changed. Returns (model, its JSON). Raises CheckpointError."""
+    ckpt = read_checkpoint(out_dir, name)
+    if not os.path.exists(os.path.join(out_dir, ckpt['model_file'])):
+        ckpt = read_checkpoint(out_dir, name)  # a run saved a newer checkpoint between our two reads: take that one
+    model = checkpoint_model(out_dir, ckpt, **overrides).to_empty(device='cpu')
+    load_weights(out_dir, ckpt, model)
     return model.to(device), ckpt
 
 
-def load_training_state(out_dir, ckpt, optimizer, to_shards=None):
+def load_training_state(out_dir, ckpt, optimizer):
     """Restore the optimizer's state (moments, momentum buffers, step counts) into optimizer, keeping the
     settings it was built with (learning rates, betas, weight decay, momentum): a resumed run may change them.
-    to_shards(optimizer, state): cuts the saved full state into this process's shards (FSDP), if given.
+    Over sharded parameters (FSDP) each process reads only its rows of each state.
     Returns what each process saved to continue exactly (see save_checkpoint's ranks), rank 0 first."""
     if 'optimizer_file' not in ckpt:
         raise CheckpointError(f'{out_dir}/{CHECKPOINT_NAME} names no optimizer file: it cannot be resumed, only sampled')
     path = _tensors_file(out_dir, ckpt['optimizer_file'])
-    tensors = _load_tensors(path)
+    params = [p for group in optimizer.param_groups for p in group['params']]
     saved = ckpt.get('training_state') or {}
     try:
+        with TensorFile(path) as f:
+            tensors = {}
+            for key in f.names:
+                param = None
+                if key.startswith('state.'):  # state.<param index>.<name>: a state of the param's shape is sharded as it is
+                    param = params[int(key.split('.')[1])]
+                    if f.shape(key) != tuple(param.shape):
+                        param = None
+                value = f.read(key, param)
+                tensors[key] = value if param is None else like(param, value)
         if ckpt.get('optimizer') is not None:
             settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-            state = _join_optimizer_state(tensors, ckpt['optimizer'])
-            optimizer.load_state_dict(to_shards(optimizer, state) if to_shards else state)
+            optimizer.load_state_dict(_join_optimizer_state(tensors, ckpt['optimizer']))
             for group, setting in zip(optimizer.param_groups, settings):
                 group.update(setting)
         if 'ranks' not in saved:  # written before every process saved its own state: one process, rank 0's
@@ -352,6 +469,8 @@ def load_training_state(out_dir, ckpt, optimizer, to_shards=None):
                 ranks[int(rank)][name] = value
         if not ranks or any('torch' not in r for r in ranks):
             raise KeyError('rng.torch')
+    except OSError as e:
+        raise _safetensors_error(path, e) from None
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
         raise CheckpointError(f'{path} or {CHECKPOINT_NAME} is damaged: the optimizer state or random generators '
                               f'do not load ({type(e).__name__}: {e}); sample from it, or train afresh') from None

@@ -217,6 +217,14 @@ def sample_windows(data, block_size, batch_size, rng, mask=None):
     return np.ascontiguousarray(rows[:, :-1]), np.where(keep, rows[:, 1:], -1)  # contiguous, as pinned copies need
 
 
+def count_targets(windows):
+    """How many targets a batch of sample_windows' windows holds for the loss: every next token, or a chat
+    dataset's reply tokens alone."""
+    if isinstance(windows, tuple):
+        return int((windows[1] != -1).sum())
+    return windows.shape[0] * (windows.shape[1] - 1)
+
+
 def input_files(path, pattern):
     """The text files of an input: the file itself, or every file matching pattern in the folder and below it,
     sorted (prepare.py, synthesize.py and classify_topics.py read corpora this way)."""

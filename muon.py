@@ -14,6 +14,15 @@ import inspect
 import torch
 from torch import Tensor
 
+from runtime import native_bfloat16
+
+
+def newton_schulz_dtype(device):
+    """What the orthogonalisation computes in on device: bfloat16 where the device has it in hardware (runtime's
+    rule, the one that picks train.py's dtype), float32 elsewhere."""
+    device = torch.device(device)
+    return torch.bfloat16 if device.type == 'cuda' and native_bfloat16(device) else torch.float32
+
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     """
@@ -24,9 +33,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     """
     assert G.ndim >= 2, "Newton-Schulz needs a matrix (or a batch of them)"
     a, b, c = (3.4445, -4.7750, 2.0315)
-    # bfloat16 on GPU: the iteration is robust to it and tensor cores make it fast. On CPU bf16 matmul
-    # is emulated (slow) and inexact, so stay in float32 there.
-    X = G.bfloat16() if G.is_cuda else G.float()
+    # bfloat16 on a GPU that computes it natively: the iteration is robust to it and tensor cores make it fast.
+    # Elsewhere (CPUs, T4, V100) bfloat16 matmuls are emulated (slow), so stay in float32 there.
+    X = G.bfloat16() if newton_schulz_dtype(G.device) == torch.bfloat16 else G.float()
     # iterate on the wide orientation so X @ X^T is the smaller (rows x rows) Gram matrix
     transposed = G.size(-2) > G.size(-1)
     if transposed:

@@ -8,9 +8,12 @@ import torch
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
-# dense bf16 peak FLOP/s of common GPUs (no sparsity), for MFU; the first name found in the device's name wins
-PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'A100': 312e12,
-              'L40S': 362e12, 'A10': 125e12, '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+# dense peak FLOP/s of common GPUs (no sparsity), for MFU: (bfloat16/float16 tensor cores, float32 as train.py runs
+# it: TF32 tensor cores where the GPU has them, Ampere and newer, else plain float32); the first name found in the
+# device's name wins
+PEAK_FLOPS = {'H200': (989e12, 495e12), 'H100 PCIe': (756e12, 378e12), 'H100 NVL': (835e12, 418e12),
+              'H100': (989e12, 495e12), 'A100': (312e12, 156e12), 'L40S': (362e12, 183e12), 'A10': (125e12, 62.5e12),
+              '4090': (165e12, 82.6e12), '3090': (71e12, 35.6e12), 'V100': (125e12, 15.7e12), 'T4': (65e12, 8.1e12)}
 
 
 def resolve_device(name):
@@ -44,17 +47,22 @@ def resolve_dtype(name, device):
     if name != 'auto':
         return name
     if device.startswith('cuda'):
-        if torch.version.hip:
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        # not torch.cuda.is_bf16_supported(): it also says yes on a T4 or V100, which only emulate bfloat16
-        # (several times slower than their float16); native bfloat16 starts with Ampere, compute capability 8.0
-        major, _ = torch.cuda.get_device_capability(device)
-        return 'bfloat16' if major >= 8 else 'float16'
+        return 'bfloat16' if native_bfloat16(device) else 'float16'
     if device.startswith('mps'):
         # Apple GPUs compute bfloat16 from macOS 14 on; float16 would need a GradScaler, which MPS gained only
         # recently and with bugs, so older systems stay in float32
         return 'bfloat16' if torch.backends.mps.is_macos_or_newer(14, 0) else 'float32'
     return 'float32'
+
+
+def native_bfloat16(device):
+    """Whether a CUDA GPU computes bfloat16 in hardware. Not torch.cuda.is_bf16_supported(): it also says yes on a T4
+    or V100, which only emulate bfloat16 (several times slower than their float16); native bfloat16 starts with
+    Ampere, compute capability 8.0."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
 
 
 def autocast(device, dtype):
@@ -87,12 +95,14 @@ def mfu(flops_per_token, tokens_per_iter, dt, peak_flops, world_size=1):
     return flops_per_token * tokens_per_iter / world_size / dt / peak_flops
 
 
-def peak_flops(device):
-    """The device's dense bf16 peak, for MFU; None where it is not known (CPUs)."""
+def peak_flops(device, dtype):
+    """The device's dense peak for dtype's matmuls (bfloat16/float16 tensor cores; TF32 or plain float32 for
+    float32), for MFU; None where it is not known (CPUs)."""
     if not device.startswith('cuda'):
         return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    half, single = next((flops for key, flops in PEAK_FLOPS.items() if key in name), (None, None))
+    return half if dtype in ('bfloat16', 'float16') else single
 
 
 def peak_memory_mib(device):
@@ -110,3 +120,28 @@ def peak_memory_mib(device):
     except ImportError:  # Windows
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == 'darwin' else 1024)
+
+
+class MemoryPhases:
+    """This process's peak memory in each phase of a run (its start, training, saves, ...), in MiB, as
+    peak_memory_mib measures it: the high-water mark is reset as each phase begins (on CUDA PyTorch's; on Linux the
+    kernel's, through /proc/self/clear_refs; elsewhere a phase's figure is the peak so far)."""
+
+    def __init__(self, device, phase):
+        self.device, self.phase, self.peaks = device, phase, {}
+
+    def enter(self, phase):
+        """End the current phase (its peak joins any earlier peak of the same name) and begin phase (None: the
+        end of the run)."""
+        peak = peak_memory_mib(self.device)
+        if peak is not None:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), peak)
+        self.phase = phase
+        if self.device.startswith('cuda'):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')  # resets VmHWM to the current resident memory
+            except OSError:
+                pass

@@ -23,22 +23,21 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.distributed import destroy_process_group, init_process_group
 from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
-from checkpoint import (CheckpointError, load_model, load_training_state, lock_out_dir, read_checkpoint, rng_state,
-                        save_checkpoint, set_rng_state)
+from checkpoint import (CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state, load_weights,
+                        lock_out_dir, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
-from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, load_meta, open_mask, open_split,
-                     sample_windows)
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, count_targets, dataset_dir, load_meta, open_mask,
+                     open_split, sample_windows)
 from generate import generate_text
 from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
-from parallel import PARALLEL, full_state, full_tensor, grad_scaler, replicate, shard, shard_optimizer_state
-from runtime import autocast, batch_to_device, mfu, peak_flops, peak_memory_mib, resolve_device, resolve_dtype
+from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
+from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
 
 # -----------------------------------------------------------------------------
@@ -102,6 +101,7 @@ device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1'
 dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
 compile = None  # torch.compile the model: None means on for CUDA only
 backend = 'nccl'  # distributed backend on GPU (CPU processes always use gloo)
+dist_timeout = 3600  # seconds a process waits for the others (in a collective, or for the master's checkpoint save) before the run fails: NCCL's default, 600, is less than writing a large checkpoint takes
 parallel = 'ddp'  # under torchrun: 'ddp' (a whole copy of the model per process) or 'fsdp' (each process holds 1/N of the weights, gradients and optimizer state: for models too large for one GPU)
 activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory (long contexts, large batches), about a third more compute
 seed = 1337
@@ -112,11 +112,39 @@ for _field in dataclasses.fields(GPTConfig):
         globals().setdefault(_field.name, _field.default)
 # -----------------------------------------------------------------------------
 config = configure(globals())
+processes = Processes()  # this process's place among torchrun's, or a single process
+ddp = processes.distributed  # under torchrun (DDP or FSDP)
+master_process, ddp_rank, ddp_world_size = processes.master, processes.rank, processes.world_size
+if ddp:
+    # joined before out_dir or the dataset is read: what one node alone cannot read must stop every process
+    # (parallel.Processes), not leave the others waiting in a collective until the timeout
+    try:
+        on_gpu = resolve_device(device).startswith('cuda')
+    except ValueError as e:
+        fail(e)
+    processes.join(backend if on_gpu else 'gloo', dist_timeout)
+
+
+def fail_together(error):
+    """Stop every process (each must call it at the same point) if error, one process's message, is not None;
+    the master says why."""
+    error = processes.first_error(error)
+    if error:
+        fail(error) if master_process else sys.exit(2)
+
+
+if ddp:
+    fail_together(processes.check_shared_folder(out_dir))
+resumed = None  # the checkpoint.json of the run being resumed
 if init_from == 'resume':
     # a resumed run goes on as the saved run was set up: only what this command line (or a config file given now)
-    # sets changes, and the log below lists it. (The model's shape always comes from the checkpoint.)
+    # sets changes, and the log below lists it. (The model's shape always comes from the checkpoint; where the
+    # processes run is this launch's to say.)
+    if is_hf_source(out_dir):
+        fail(f'{out_dir} holds Hugging Face weights, not a checkpoint to resume: fine-tune them with --init_from={out_dir}')
     try:
-        inherit(config, read_checkpoint(out_dir)['config'], keep=('init_from', 'out_dir', 'eval_only'))
+        resumed = read_checkpoint(out_dir)
+        inherit(config, resumed['config'], keep=('init_from', 'out_dir', 'eval_only', 'device', 'backend', 'dist_timeout'))
     except CheckpointError as e:
         fail(e)
     except ConfigError as e:
@@ -136,6 +164,8 @@ def check_settings():
                 'max_overfit_gap'):
         if config[key] < 0:
             fail(f'{key}={config[key]} must not be negative')
+    if not config['dist_timeout'] > 0:
+        fail(f"dist_timeout={config['dist_timeout']} must be a positive number of seconds")
     for key in ('beta1', 'beta2', 'muon_momentum'):
         if not 0 <= config[key] < 1:
             fail(f'{key}={config[key]} must be in [0, 1)')
@@ -159,35 +189,26 @@ if compile not in (None, True, False):
     fail(f'compile={compile!r}: use True, False or None (on for CUDA only)')
 
 # various inits, derived attributes, I/O setup
-ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 try:
     device = resolve_device(device)
 except ValueError as e:
     fail(e)
+if ddp and device.startswith('cuda'):
+    device = f'cuda:{processes.local_rank}'  # this node's GPU for this process
+    torch.cuda.set_device(device)
+memory = MemoryPhases(device, 'resume' if init_from == 'resume' else 'start')  # peak memory by phase, for the end
 if ddp:
-    ddp_rank = int(os.environ['RANK'])
-    ddp_local_rank = int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f'cuda:{ddp_local_rank}'
-        torch.cuda.set_device(device)
-    init_process_group(backend=backend if device.startswith('cuda') else 'gloo')
-    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
     # world_size processes train simultaneously: scale down the accumulation steps of each
     if gradient_accumulation_steps % ddp_world_size:
         fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the {ddp_world_size} processes')
     gradient_accumulation_steps //= ddp_world_size
-else:
-    master_process = True
-    ddp_rank = 0
-    ddp_world_size = 1
-    if parallel == 'fsdp':
-        print('note: parallel=fsdp shards the model over the processes torchrun starts; one process trains it whole')
+elif parallel == 'fsdp':
+    print('note: parallel=fsdp shards the model over the processes torchrun starts; one process trains it whole')
 fsdp = ddp and parallel == 'fsdp'  # else DDP, under torchrun
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f'tokens per iteration will be: {tokens_per_iter:,}')
-torch.manual_seed(seed + ddp_rank)  # each process gets a different seed
+torch.manual_seed(seed + ddp_rank)  # each process its own dropout; nothing else draws from torch's global generators
 if threads:
     torch.set_num_threads(threads)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
@@ -200,13 +221,18 @@ except ValueError as e:
 ctx = autocast(device, dtype)
 compile = device_type == 'cuda' if compile is None else compile
 
-# data: token memmaps and the tokenizer that made them
+# data: token memmaps and the tokenizer that made them. Every node reads its own path: all must find the same data
 data_dir = dataset_dir(dataset)
+meta, data_error = None, None
 try:
     meta = load_meta(data_dir)
     split_lengths = {split: len(open_split(data_dir, split, meta)) for split in ('train', 'val')}
 except DatasetError as e:
-    fail(e)
+    data_error = str(e)
+fail_together(data_error)
+if ddp and processes.differs((meta, split_lengths)):
+    fail_together(f'the processes found different datasets at {data_dir}: every node must read the same prepared '
+                  f'dataset (put it on the shared filesystem, or copy it whole)')
 for split, length in split_lengths.items():
     if length <= block_size:
         fail(f'{data_dir}/{split}.bin holds {length} tokens, too few for block_size={block_size}: use a smaller --block_size or more text')
@@ -228,78 +254,73 @@ if master_process and not eval_only:
             fail(f'cannot copy {TOKENIZER_FILE} from {data_dir} to {out_dir}: {e.strerror}; prepare the dataset again')
 val_bytes_per_token = bytes_per_token(meta, 'val')
 lossy_note = '' if meta.get('lossless', True) else f" ({meta['tokenizer']['kind']} tokenizer, lossy: not comparable)"
+chat = bool(meta.get('chat'))  # a chat dataset: the loss is over the replies' tokens alone
 # the sampler's state is saved in checkpoints, so a resumed run draws the same batches it would have
 data_rng = np.random.default_rng(seed + ddp_rank)
 
 
-def get_batch(split, rng):
-    # a fresh memmap per batch avoids a memory leak, https://stackoverflow.com/questions/45132940
+def draw_windows(split, rng):
+    """A micro-batch of token windows, in host memory (runtime.batch_to_device moves it). A fresh memmap per batch
+    avoids a memory leak, https://stackoverflow.com/questions/45132940"""
     data = open_split(data_dir, split, meta)
     try:
         mask = open_mask(data_dir, split, meta)  # a chat dataset's: the loss counts the assistant's tokens only
-        return batch_to_device(sample_windows(data, block_size, batch_size, rng, mask), device)
+        return sample_windows(data, block_size, batch_size, rng, mask)
     except DatasetError as e:
         fail(e)
 
 
-# model init
+# model init. A new model and a resumed one are built on the meta device (shapes, no memory) and get storage
+# below, where they are placed: under FSDP each process then holds its own shards alone, never the whole model
 iter_num = 0
 best_val_loss = 1e9
 model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
 # the model's vocabulary comes from the tokenizer, padded up to a multiple of 64 for efficient matmuls
 model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
 model_args['real_vocab_size'] = meta['vocab_size']
-resumed = None  # the checkpoint.json of the run being resumed
 if init_from == 'scratch':
     if master_process:
         print('Initializing a new model from scratch')
-    try:
-        # every process builds the same model, from rank 0's seed: FSDP keeps a slice of each process's copy, which
-        # must be slices of one model (DDP broadcasts rank 0's). Each process's dropout stream stays its own
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = GPT(GPTConfig(**model_args))
-    except ValueError as e:
-        fail(e)
-else:
-    source = out_dir if init_from == 'resume' else init_from
+    with torch.device('meta'):
+        model = GPT(GPTConfig(**model_args))
+elif init_from == 'resume':
     if master_process:
-        print(f'Resuming training from {out_dir}' if init_from == 'resume' else f'Initializing from the weights of {init_from}')
+        print(f'Resuming training from {out_dir}')
+    if resumed.get('tokenizer') != meta['tokenizer']:
+        fail(f'the checkpoint in {out_dir} was trained with another tokenizer than the dataset {data_dir}: resume on the dataset it was trained on')
+    try:  # the checkpoint's architecture wins over the command line; dropout may change
+        model = checkpoint_model(out_dir, resumed, dropout=dropout)
+    except CheckpointError as e:
+        fail(e)
+    model_args = dataclasses.asdict(model.config)
+    saved_optimizer = resumed['config'].get('optimizer', 'adamw')
+    if saved_optimizer != optimizer:
+        fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
+    iter_num = resumed['iter_num']
+    best_val_loss = resumed['best_val_loss']
+    changed = [f'{key} {value!r} -> {config[key]!r}' for key, value in resumed['config'].items()
+               if key != 'init_from' and key in config and config[key] != value]
+    if changed and master_process:
+        print(f"resuming with changed settings: {', '.join(changed)}")
+else:  # fine-tuning: these weights (whole, in every process), a new optimizer, iterations from 0
+    if master_process:
+        print(f'Initializing from the weights of {init_from}')
     try:
-        model, model_tokenizer, saved = load_model(source, which='latest' if init_from == 'resume' else 'best',
-                                                   dropout=dropout)
+        model, model_tokenizer, _ = load_model(init_from, which='best', dropout=dropout)
     except (CheckpointError, HFError) as e:
         fail(e)
-    if init_from != 'resume':  # fine-tuning: these weights, a new optimizer, iterations from 0
-        if model_tokenizer is not None and not tokenizers_match(model_tokenizer, meta['tokenizer'], chat=True):
-            fail(f"the dataset {data_dir} was tokenized with another tokenizer than {init_from}'s "
-                 f"({tokenizer_name(model_tokenizer)}): prepare the dataset with that tokenizer")
-        if meta['vocab_size'] > (model.config.real_vocab_size or model.config.vocab_size):
-            if model_tokenizer is None:
-                fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
-            model.grow_vocabulary(meta['vocab_size'])  # a chat template's tokens (tokenizers_match said so)
-        if block_size > model.config.block_size:
-            fail(f"block_size={block_size} is larger than {init_from}'s context of {model.config.block_size}: use --block_size={model.config.block_size} or less")
-        if block_size < model.config.block_size:
-            model.crop_block_size(block_size)
-        model_args = dataclasses.asdict(model.config)
-    elif saved is None:
-        fail(f'{out_dir} holds Hugging Face weights, not a checkpoint to resume: fine-tune them with --init_from={out_dir}')
-    else:
-        resumed = saved
-        if model_tokenizer != meta['tokenizer']:
-            fail(f'the checkpoint in {out_dir} was trained with another tokenizer than the dataset {data_dir}: resume on the dataset it was trained on')
-        # the checkpoint's architecture wins over the command line; dropout may be changed on resume
-        model_args = dict(resumed['model_args'], dropout=dropout)
-        saved_optimizer = resumed['config'].get('optimizer', 'adamw')
-        if saved_optimizer != optimizer:
-            fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
-        iter_num = resumed['iter_num']
-        best_val_loss = resumed['best_val_loss']
-        changed = [f'{key} {value!r} -> {config[key]!r}' for key, value in resumed['config'].items()
-                   if key != 'init_from' and key in config and config[key] != value]
-        if changed and master_process:
-            print(f"resuming with changed settings: {', '.join(changed)}")
+    if model_tokenizer is not None and not tokenizers_match(model_tokenizer, meta['tokenizer'], chat=True):
+        fail(f"the dataset {data_dir} was tokenized with another tokenizer than {init_from}'s "
+             f"({tokenizer_name(model_tokenizer)}): prepare the dataset with that tokenizer")
+    if meta['vocab_size'] > (model.config.real_vocab_size or model.config.vocab_size):
+        if model_tokenizer is None:
+            fail(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than {init_from}'s ({model.config.vocab_size})")
+        model.grow_vocabulary(meta['vocab_size'])  # a chat template's tokens (tokenizers_match said so)
+    if block_size > model.config.block_size:
+        fail(f"block_size={block_size} is larger than {init_from}'s context of {model.config.block_size}: use --block_size={model.config.block_size} or less")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    model_args = dataclasses.asdict(model.config)
 model.activation_checkpointing = activation_checkpointing
 model.train()  # in every process (a sample or an evaluation switches back on its own)
 raw_model = model
@@ -309,10 +330,21 @@ if fsdp:
         # the compiled graphs, and parameter names do not change
         for block in model.transformer.h:
             block.compile()
-    # before the optimizer is built, which must hold the shards; the model moves to the device shard by shard
-    shard(model, device_type, ddp_world_size, dtype)
+    # before the optimizer is built, which must hold the shards
+    shard(model, device, ddp_world_size, dtype)
+elif model.lm_head.weight.is_meta:
+    model.to_empty(device=device)
 else:
     model.to(device)
+if init_from == 'scratch':
+    # from a generator of its own: the same weights in every process and for any number of processes, drawn
+    # without touching the global generators (each process's dropout stream stays its own)
+    model.init_weights(torch.Generator().manual_seed(seed), assign)
+elif init_from == 'resume':
+    try:
+        load_weights(out_dir, resumed, model)  # each process reads only its shards' rows under FSDP
+    except CheckpointError as e:
+        fail(e)
 
 # a GradScaler is needed for float16 only: it is a no-op when disabled
 scaler = grad_scaler(device_type, dtype == 'float16', sharded=fsdp)
@@ -322,7 +354,7 @@ optim = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2),
                              muon_momentum)
 if resumed is not None:
     try:
-        saved_ranks = load_training_state(out_dir, resumed, optim, to_shards=shard_optimizer_state if fsdp else None)
+        saved_ranks = load_training_state(out_dir, resumed, optim)
     except CheckpointError as e:
         fail(e)
     # each process takes back its own batch sampler and random generators, so the run continues as if never stopped
@@ -345,16 +377,16 @@ if compile and master_process:
 if compile and not fsdp:
     model = torch.compile(model)
 if ddp and not fsdp:
-    model = replicate(model, device_type, ddp_local_rank)
+    model = replicate(model, device_type, processes.local_rank)
 
 
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches of each split. The batches come from a generator seeded the
     same way every time: evaluations are comparable across iterations and do not disturb training's
-    random stream. Several processes share the work: all draw the same batches, each scores every
-    world_size-th, and the sum of their lists (each entry one process's loss, zeros elsewhere) gives every
-    process exactly the figures one process would have computed."""
+    random stream. Several processes share the work: all draw the same batches, each scores (and moves to its
+    device) every world_size-th, and the sum of their lists (each entry one process's loss, zeros elsewhere)
+    gives every process exactly the figures one process would have computed."""
     out = {}
     model.eval()
     rounds = math.ceil(eval_iters / ddp_world_size)
@@ -362,12 +394,12 @@ def estimate_loss():
         rng = np.random.default_rng([seed, 0, 1 if split == 'val' else 0])
         losses = torch.zeros(rounds * ddp_world_size, device=device)
         for k in range(rounds * ddp_world_size):
-            X, Y = get_batch(split, rng)
+            windows = draw_windows(split, rng)
             # under FSDP every forward is a collective (each process lends its shards), so all processes run
             # as many: a batch past eval_iters is scored and dropped
             if k % ddp_world_size == ddp_rank and (k < eval_iters or fsdp):
                 with ctx:
-                    _, loss = model(X, Y)
+                    _, loss = model(*batch_to_device(windows, device))
                 losses[k] = loss.float()
         if ddp:
             torch.distributed.all_reduce(losses)
@@ -376,15 +408,9 @@ def estimate_loss():
     return out
 
 
-def gather_rank_states():
-    """What every process needs to continue exactly (its batch sampler before the batch in X, Y and its random
-    generators), on the master, rank 0 first. Under DDP every process must call this at the same iteration."""
-    state = dict(rng_state(), data_rng=batch_rng_state)
-    if not ddp:
-        return [state]
-    states = [None] * ddp_world_size if master_process else None
-    torch.distributed.gather_object(state, states, dst=0)
-    return states
+def random_state():
+    """What this process needs to continue exactly from here: its batch sampler and its random generators."""
+    return dict(rng_state(), data_rng=data_rng.bit_generator.state)
 
 
 def lr_schedule(it):
@@ -403,8 +429,8 @@ def lr_schedule(it):
 
 
 def request_stop(signum, frame):
-    """Ctrl-C or SIGTERM: finish this iteration, save, and exit. A second Ctrl-C (torchrun relays the first one,
-    hence the second of grace) leaves at once, without saving."""
+    """Ctrl-C or SIGTERM: save at the end of this micro-step, and exit. A second Ctrl-C (torchrun relays the first
+    one, hence the second of grace) leaves at once, without saving."""
     global stop_signal, stop_time
     if stop_signal is not None and signum == signal.SIGINT and time.time() - stop_time > 1.0:
         print('\ninterrupted again: exiting without saving', file=sys.stderr, flush=True)
@@ -424,7 +450,7 @@ if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-device_peak = peak_flops(device)
+device_peak = peak_flops(device, dtype)
 if master_process:
     peak_text = f', device peak {device_peak / 1e12:.0f} TFLOP/s' if device_peak else ''
     print(f'{raw_model.get_num_params() / 1e6:.2f}M parameters, {raw_model.flops_per_token():,} training FLOPs per token{peak_text}')
@@ -436,13 +462,11 @@ run_start = time.time()
 show_bar = master_process and not eval_only and (sys.stdout.isatty() if progress is None else progress)
 bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True, file=sys.stdout) if show_bar else None
 last_plot = run_start  # drawing takes ~0.3 s: not more often than every 30 s (a short run gets its plot at the end)
-batch_rng_state = data_rng.bit_generator.state  # the sampler's state before the batch in X, Y: saved for resume
-X, Y = get_batch('train', data_rng)  # fetch the very first batch
-t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
+memory.enter('training')
 
 
 def say(line):
@@ -455,31 +479,38 @@ def say(line):
         print(line, flush=True)
 
 
-def save(best=False):
+def save(best=False, state=None):
     """Write a checkpoint of this iteration; best: its val loss is the best so far, so sample.py and eval.py will
-    read it (best.json). Every process calls it at the same iteration: each sends the master what it needs to
-    continue, and under FSDP its shards; the master writes."""
+    read it (best.json). state: what this process needs to continue from it (random_state(), by default now's).
+    Every process calls it at the same iteration: each sends the master its state and, under FSDP, its shards,
+    one tensor at a time; the master writes, and the others wait for it here."""
     global last_saved_iter, best_saved_iter
-    rank_states = gather_rank_states()
-    weights, optimizer_state = full_state(model, optim, keep=master_process) if fsdp else (None, None)
+    memory.enter('save')
+    rank_states = processes.gather(state or random_state())
     last_saved_iter = iter_num
     best_saved_iter = iter_num if best else best_saved_iter
-    if not master_process:
-        return
     say(f"saving checkpoint to {out_dir} (iteration {iter_num}{', the best so far' if best else ''})")
     try:
         save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config, meta['tokenizer'],
                         dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best), rank_states, best,
-                        weights=weights, optimizer_state=optimizer_state)
+                        fetch=gatherer(master_process), write=master_process)
     except CheckpointError as e:
         fail(e)
     except OSError as e:
         fail(f'cannot save a checkpoint in {out_dir}: {e.strerror}; the previous checkpoint there is intact')
+    try:
+        processes.wait_for_master(f'the checkpoint of iteration {iter_num}')
+    except RuntimeError as e:
+        fail(e)
+    memory.enter('training')
 
 
 def draw_sample():
-    """A short sample from sample_start, so a user sees the text improve. From its own random stream, so training
-    goes on exactly as it would have without it; from the uncompiled model, so nothing is recompiled."""
+    """A short sample from sample_start, so a user sees the text improve. From a random generator of its own, so
+    training goes on exactly as it would have without it, and eagerly: compiled, the growing shapes of decoding
+    would recompile every block (compiled in place under FSDP) up to dynamo's limit. Under FSDP every process runs
+    each forward pass (each lends its shards), and all go on with the master's tokens: they take the same steps
+    and stop at the same end of text."""
     global sample_tokenizer
     try:
         sample_tokenizer = sample_tokenizer or load_tokenizer(meta['tokenizer'], data_dir)
@@ -488,10 +519,10 @@ def draw_sample():
         say(f'note: no sample: {e}')
         return
     raw_model.eval()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == 'cuda' else []), ctx:
-        torch.manual_seed(seed)
+    with torch.compiler.set_stance('force_eager'), ctx:
         text = generate_text(raw_model, sample_tokenizer, ids[-block_size // 2:], max_new_tokens=min(200, block_size),
-                             temperature=0.8, top_k=200)[0]
+                             temperature=0.8, top_k=200, generator=torch.Generator(device).manual_seed(seed),
+                             sync=processes.same_as_master if fsdp else None)[0]
     raw_model.train()
     say(f'sample at step {iter_num}: {sample_tokenizer.decode(ids) + text!r}')
 
@@ -511,6 +542,22 @@ def diverged(what):
          f'(or --muon_lr), --grad_clip=1.0, or --dtype=float32')
 
 
+def stop_run(state=None):
+    """Save (state: as in save()) and exit with the shell's code for death by the signal that asked for it."""
+    save(state=state)
+    if master_process:
+        name = signal.Signals(stop_signal).name if stop_signal else 'a signal to another process'
+        print(f'stopped by {name} at iteration {iter_num}, checkpoint saved: continue with --init_from=resume '
+              f'--out_dir={out_dir}', file=sys.stderr, flush=True)
+        if wandb_log:
+            wandb.finish()
+    if ddp:
+        processes.leave()
+    sys.stdout.flush()
+    os._exit(128 + (stop_signal or signal.SIGINT))
+
+
+t0 = time.time()
 while True:
 
     # determine and set the learning rate for this iteration
@@ -556,12 +603,21 @@ while True:
             finished = True
             say(f'early stop at step {iter_num}: val loss exceeds train loss by {gap:.4f}, more than '
                   f'max_overfit_gap={max_overfit_gap} (overfitting)')
+        t0 = time.time()  # the evaluation, sample and save are not the next iteration's time
     if finished:
         break
     if eval_only:
         break
     if iter_num >= max_iters:
         break
+
+    # the windows of every micro-step of this iteration, drawn first: the loss is the mean over every target token
+    # of the step, in all processes, and a chat dataset's windows hold different numbers of them (its replies')
+    start_state = random_state()  # a stop before the step ends saves this: a resume draws these windows again
+    windows = [draw_windows('train', data_rng) for _ in range(gradient_accumulation_steps)]
+    step_tokens = processes.sum(sum(map(count_targets, windows))) if chat else tokens_per_iter
+    X, Y = batch_to_device(windows[0], device)
+    step_loss = 0.0  # this process's share of the step's mean loss
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     # and using the GradScaler if data type is float16
@@ -572,11 +628,18 @@ while True:
         with nullcontext() if sync else model.no_sync():
             with ctx:
                 _, loss = model(X, Y)
-                loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
-            # immediately async prefetch next batch while model is doing the forward pass on the GPU
-            batch_rng_state = data_rng.bit_generator.state
-            X, Y = get_batch('train', data_rng)
+                # the mean over this micro-batch's targets, weighted by their share of the step's (the processes'
+                # gradients are averaged, hence ddp_world_size): 1 / gradient_accumulation_steps unless a chat's
+                loss = loss / (step_tokens / (count_targets(windows[micro_step]) * ddp_world_size))
+            if micro_step + 1 < gradient_accumulation_steps:  # the next batch's copy is queued while the GPU works
+                X, Y = batch_to_device(windows[micro_step + 1], device)
             scaler.scale(loss).backward()
+        step_loss += loss.detach()
+        # a stop asked for is taken at once, agreed by every process: the step is dropped and the checkpoint is
+        # of the last whole one, so a slow step does not outlast the grace period before SIGKILL
+        if micro_step + 1 < gradient_accumulation_steps and processes.any(stop_signal is not None):
+            optim.zero_grad(set_to_none=True)
+            stop_run(start_state)
     # clip the gradient (or only measure its norm, with grad_clip 0), unscaled first if training in fp16
     scaler.unscale_(optim)
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf')))
@@ -585,6 +648,15 @@ while True:
     scaler.update()
     # flush the gradients as soon as we can, no need for this memory anymore
     optim.zero_grad(set_to_none=True)
+
+    # a diverged step (a float16 GradScaler skips overflowing ones itself) or a stop signal, agreed by every
+    # process, and the step's loss over all of them (a host-device sync per step, and one all-reduce of three
+    # numbers under DDP)
+    flags = torch.stack([(~torch.isfinite(step_loss) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled()))).float(),
+                         torch.tensor(float(stop_signal is not None), device=step_loss.device), step_loss.float()])
+    if ddp:
+        torch.distributed.all_reduce(flags)
+    unhealthy, stop, loss_sum = flags.tolist()
 
     # timing and logging
     t1 = time.time()
@@ -595,9 +667,7 @@ while True:
     if bar is not None:
         bar.update(1)
     if iter_num % log_interval == 0 and master_process:
-        # get loss as float. note: this is a CPU-GPU sync point
-        # scale up to undo the division above, approximating the true total loss (exact would have been a sum)
-        lossf = loss.item() * gradient_accumulation_steps
+        lossf = loss_sum / ddp_world_size  # the step's mean loss over every process's targets
         tokens_per_sec = tokens_per_iter / dt
         mfu_text = ''
         if device_peak and local_iter_num >= 5:  # let the training loop settle a bit
@@ -610,31 +680,16 @@ while True:
             print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
         if metrics:
             metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * learning_rate,
-                        tokens_per_sec=round(tokens_per_sec), mfu=running_mfu if running_mfu > 0 else None)
+                        grad_norm=grad_norm.item(), tokens_per_sec=round(tokens_per_sec),
+                        mfu=running_mfu if running_mfu > 0 else None)
 
-    # a diverged step (a float16 GradScaler skips overflowing ones itself) or a stop signal, agreed by every
-    # process (a host-device sync per step, and one all-reduce of two numbers under DDP)
-    flags = torch.stack([~torch.isfinite(loss.detach()) | (~torch.isfinite(grad_norm) & (not scaler.is_enabled())),
-                         torch.tensor(stop_signal is not None, device=loss.device)]).float()
-    if ddp:
-        torch.distributed.all_reduce(flags)
-    unhealthy, stop = flags.tolist()
     if unhealthy:
-        diverged('the loss' if not torch.isfinite(loss.detach()) else 'the gradient norm')
+        diverged('the loss' if not torch.isfinite(step_loss) else 'the gradient norm')
     if save_interval and iter_num % save_interval == 0 and iter_num % eval_interval and iter_num != max_iters and not stop:
         save()  # an autosave between evaluations (an evaluation saves at its own iteration)
+        t0 = time.time()
     if stop:
-        save()
-        if master_process:
-            name = signal.Signals(stop_signal).name if stop_signal else 'a signal to another process'
-            print(f'stopped by {name} at iteration {iter_num}, checkpoint saved: continue with --init_from=resume '
-                  f'--out_dir={out_dir}', file=sys.stderr, flush=True)
-            if wandb_log:
-                wandb.finish()
-        if ddp:
-            destroy_process_group()
-        sys.stdout.flush()
-        os._exit(128 + (stop_signal or signal.SIGINT))  # the shell's code for death by that signal
+        stop_run()
 
 if bar is not None:
     bar.close()
@@ -643,18 +698,22 @@ if metrics and plot:
 if master_process and best_saved_iter is not None and best_saved_iter != last_saved_iter:
     print(f'the best checkpoint (iteration {best_saved_iter}, val loss {best_val_loss:.4f}) is what sample.py and eval.py '
           f'read; --init_from=resume continues from the latest (iteration {last_saved_iter})')
-if ddp:  # every process's: what DDP and FSDP differ in (bench_memory.py)
-    peaks = [None] * ddp_world_size
-    torch.distributed.all_gather_object(peaks, peak_memory_mib(device))
-    if master_process and None not in peaks:
+memory.enter(None)
+if ddp or device_type == 'cuda':  # every process's, by phase: what DDP and FSDP differ in (bench_memory.py)
+    phases = processes.gather(memory.peaks)
+    if master_process and all(phases):
         what = 'allocated by PyTorch' if device_type == 'cuda' else 'resident, the whole process'
-        print(f"peak memory per process: {', '.join(f'{p:,.0f}' for p in peaks)} MiB ({what})")
-elif device_type == 'cuda':
-    print(f'peak memory {peak_memory_mib(device):,.0f} MiB')
+        peaks = [max(p.values()) for p in phases]
+        by_phase = '; '.join(f"{name} {', '.join(f'{p[name]:,.0f}' for p in phases)}" for name in phases[0])
+        if ddp:
+            print(f"peak memory per process: {', '.join(f'{p:,.0f}' for p in peaks)} MiB ({what})")
+        else:
+            print(f'peak memory {peaks[0]:,.0f} MiB')
+        print(f'peak memory by phase, MiB per process: {by_phase}')
 if wandb_log and master_process:
     wandb.finish()
 if ddp:
-    destroy_process_group()
+    processes.leave()
     if not device.startswith('cuda'):
         # Gloo's worker threads can still be releasing the last collective's tensors when the interpreter shuts
         # down, and taking the GIL then aborts the process (SIGABRT, about 1 run in 20 here; pytorch#179291).

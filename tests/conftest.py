@@ -23,10 +23,16 @@ TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '-
               '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--dropout=0.0']
 
 
+def script_env(**extra):
+    """The environment of the scripts the tests start: offline, unbuffered, one thread each (tiny models run
+    fastest so, and test machines are shared), plus extra."""
+    return dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', **extra)
+
+
 def run(script, *args, check=True, env=None, timeout=600, stdin=None):
     """Run a repository script with args from the repository root (stdin: text piped to it); return the
     CompletedProcess."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', **(env or {}))
+    full_env = script_env(**(env or {}))
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and proc.returncode != 0:
@@ -34,12 +40,11 @@ def run(script, *args, check=True, env=None, timeout=600, stdin=None):
     return proc
 
 
-def torchrun(nproc, script, *args, timeout=600):
+def torchrun(nproc, script, *args, timeout=600, env=None, check=True):
     """Run a repository script in nproc processes on this machine (torchrun, CPU: the gloo backend)."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', script, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
         raise AssertionError(f'torchrun {script} {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
     return proc
 
@@ -47,7 +52,7 @@ def torchrun(nproc, script, *args, timeout=600):
 def run_all(commands, at_once=2):
     """Run several (script, *args) commands, at_once at a time: scripts that fail early are mostly start-up
     time, which overlaps well. Returns their CompletedProcess, in order."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    env = script_env()
     results = []
     for i in range(0, len(commands), at_once):
         procs = [subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,

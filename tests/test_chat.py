@@ -328,3 +328,41 @@ def test_a_chat_fine_tune_runs_in_several_processes_under_ddp_and_fsdp_alike(bas
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-6, msg=key)
     rows = ddp['transformer.wte.weight'][len(CHARS):len(CHARS) + 4]
     assert rows.shape == (4, 32) and not torch.allclose(rows, rows.mean(dim=0))  # no longer all the same mean
+
+
+def test_a_step_s_loss_is_the_mean_over_all_its_reply_tokens(base, chats, tmp_path):
+    """Windows hold different numbers of reply tokens: the loss of an optimizer step is the mean over all of them,
+    across its micro-batches and processes (a micro-batch with 3 reply tokens weighs 3/200 of one with 200, not as
+    much: the gradient-accumulation bug transformers fixed in 4.46). So train.py's first gradient is the gradient
+    of that mean over the windows it drew (the same seeds through dataset.sample_windows), computed here by brute
+    force on one batch of them all; metrics.jsonl logs its norm."""
+    meta = load_meta(chats)
+    data, mask = open_split(chats, 'train', meta), open_mask(chats, 'train', meta)
+    common = [f'--dataset={chats}', f'--init_from={base}', *FINE_TUNE, '--max_iters=1', '--eval_interval=1',
+              '--eval_iters=1', '--grad_clip=0', '--batch_size=4', '--gradient_accumulation_steps=2']
+    run('train.py', *common, f'--out_dir={tmp_path / "one"}')  # 2 micro-batches in 1 process
+    torchrun(2, 'train.py', *common, f'--out_dir={tmp_path / "two"}')  # 1 micro-batch in each of 2 processes
+    for name, processes in (('one', 1), ('two', 2)):
+        logged = [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
+        grad_norm = next(r['grad_norm'] for r in logged if r['kind'] == 'step')
+        windows = []
+        for rank in range(processes):
+            rng = np.random.default_rng(1337 + rank)  # train.py's batch sampler of each process
+            windows += [sample_windows(data, 64, 4, rng, mask) for _ in range(2 // processes)]
+        model = load_model(base).model
+        model.grow_vocabulary(meta['vocab_size'])
+        norms = []
+        for weighting in ('tokens', 'micro-batches'):
+            model.zero_grad()
+            x, y = (torch.from_numpy(np.concatenate([w[i] for w in windows])) for i in (0, 1))
+            logits, _ = model(x)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction='none').view(y.shape)
+            if weighting == 'tokens':  # every reply token of the step alike
+                loss = losses.sum() / (y != -1).sum()
+            else:  # the mean of each micro-batch's mean: what the logged norm must not be
+                loss = sum(losses[i:i + 4].sum() / (y[i:i + 4] != -1).sum() for i in range(0, len(y), 4)) / len(windows)
+            loss.backward()
+            norms.append(torch.sqrt(sum(p.grad.square().sum() for p in model.parameters())).item())
+        # float32 sums in other orders (micro-batches, processes): a few ulps of the norm
+        assert grad_norm == pytest.approx(norms[0], rel=1e-5), (name, grad_norm, norms)
+        assert abs(norms[1] - norms[0]) > 1e-3 * norms[0], (name, norms)  # the check can tell the two apart

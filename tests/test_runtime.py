@@ -82,3 +82,46 @@ def test_batches_are_contiguous_before_pinning(monkeypatch):
     x, y = runtime.batch_to_device(rows, 'cuda:0')
     assert pinned == [True, True] and copied == [('cuda:0', True), ('cuda:0', True)]
     assert x.tolist() == [list(range(0, 8)), list(range(9, 17))] and y.tolist() == [list(range(1, 9)), list(range(10, 18))]
+
+
+@pytest.mark.parametrize('name,dtype,expected', [
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989e12), ('NVIDIA H100 80GB HBM3', 'float32', 495e12),
+    ('NVIDIA A100-SXM4-40GB', 'float16', 312e12), ('NVIDIA A100-SXM4-40GB', 'float32', 156e12),
+    ('Tesla V100-SXM2-16GB', 'float16', 125e12), ('Tesla V100-SXM2-16GB', 'float32', 15.7e12),
+    ('Tesla T4', 'float32', 8.1e12), ('Some Future GPU', 'bfloat16', None)])
+def test_mfu_peak_is_that_of_the_dtype_the_matmuls_run_in(monkeypatch, name, dtype, expected):
+    """A float32 run's matmuls run on TF32 tensor cores (train.py allows them; half the 16-bit rate on an A100 or
+    H100), or on plain float32 units where there are none (V100, T4): against the bfloat16 peak its MFU would read
+    2x to 16x too low. The GPU's name is mocked; the figures are NVIDIA's dense (no sparsity) datasheet peaks."""
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+    assert runtime.peak_flops('cuda:0', dtype) == expected
+    assert runtime.peak_flops('cpu', dtype) is None
+
+
+@pytest.mark.parametrize('capability,expected', [((7, 0), torch.float32), ((7, 5), torch.float32),
+                                                 ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+                         ids=['V100', 'T4', 'A100', 'H100'])
+def test_muon_orthogonalises_in_bfloat16_only_where_the_gpu_has_it(monkeypatch, capability, expected):
+    """Newton-Schulz in bfloat16 is fast on tensor cores that compute it, and emulated, several times slower, on a
+    V100 or T4: the rule that picks train.py's dtype decides (the GPU's capability mocked)."""
+    from muon import newton_schulz_dtype
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.version, 'hip', None)
+    assert newton_schulz_dtype('cuda:0') == expected
+    assert newton_schulz_dtype('cpu') == torch.float32
+
+
+def test_memory_phases_reset_the_peak_at_each_phase():
+    """Each phase's peak is its own (Linux resets the process's high-water mark as a phase begins): a large tensor
+    alive only in the first phase does not show in the second. Elsewhere a phase's figure is the peak so far."""
+    import sys
+    phases = runtime.MemoryPhases('cpu', 'big')
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB
+    big += 1
+    del big
+    phases.enter('small')
+    phases.enter(None)
+    if sys.platform.startswith('linux'):
+        assert phases.peaks['big'] - phases.peaks['small'] > 48, phases.peaks
+    else:
+        assert phases.peaks['small'] >= phases.peaks['big'], phases.peaks

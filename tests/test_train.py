@@ -179,3 +179,16 @@ def test_optimizer_state_loads_without_its_saved_settings(tmp_path, kind):
     for p, state in old.state.items():  # the moments did come back
         assert state.keys() == new.state[p].keys()
         assert all(torch.equal(torch.as_tensor(state[k]), torch.as_tensor(new.state[p][k])) for k in state)
+
+
+def test_an_evaluation_does_not_count_in_the_next_step_s_time(char_dataset, tmp_path):
+    """tokens/s and MFU come from each iteration's time: the evaluation (with its save and sample) before an
+    iteration is not part of it. Here an evaluation of 2 x 300 batches takes far longer than a step."""
+    out = tmp_path / 'out'
+    proc = train(char_dataset, out, '--max_iters=8', '--eval_interval=5', '--eval_iters=300', '--log_interval=1')
+    step_ms = {int(line.split()[1][:-1]): float(line.split('time ')[1].split('ms')[0])
+               for line in proc.stdout.splitlines() if line.startswith('iter ')}
+    records = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    at = {(r['kind'], r['iter']): r['time'] for r in records}
+    evaluation_s = at['eval', 5] - at['step', 5]
+    assert evaluation_s > 0.2 and step_ms[6] / 1000 < evaluation_s / 4, (evaluation_s, step_ms)

@@ -1,0 +1,68 @@
+"""Run a repository script (the first argument; the rest are its own) with a few of the calls it makes watched:
+what only shows on a GPU or across machines leaves its trace on the CPU here. Used by tests under torchrun too.
+Each watched call prints `spy <rank>: <call>(<argument>)` to stderr.
+
+    torch.cuda.manual_seed_all, torch.cuda.manual_seed, torch.mps.manual_seed   which seed each generator got
+    torch.distributed.init_process_group, new_group                            their timeout, in seconds
+    runtime.batch_to_device                                                    each batch moved to the device
+    SPY_SAVE_DELAY=S   the master's checkpoint saves take S seconds longer (a slow filesystem)
+"""
+import functools
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed  # noqa: E402
+
+import checkpoint  # noqa: E402
+import runtime  # noqa: E402
+
+RANK = os.environ.get('RANK', '0')
+
+
+def say(what):
+    print(f'spy {RANK}: {what}', file=sys.stderr, flush=True)
+
+
+def watch(owner, name, describe):
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def watched(*args, **kwargs):
+        say(f'{name}({describe(*args, **kwargs)})')
+        return original(*args, **kwargs)
+    setattr(owner, name, watched)
+
+
+def seconds(*args, timeout=None, **kwargs):
+    return timeout.total_seconds() if timeout is not None else None
+
+
+for owner in (torch.cuda, torch.mps):
+    for name in ('manual_seed_all', 'manual_seed'):
+        if hasattr(owner, name):
+            watch(owner, name, lambda seed, *a, **k: int(seed))
+watch(torch.distributed, 'init_process_group', seconds)
+watch(torch.distributed, 'new_group', seconds)
+watch(runtime, 'batch_to_device', lambda rows, device: '')
+
+delay = float(os.environ.get('SPY_SAVE_DELAY', 0))
+if delay:
+    save = checkpoint.save_checkpoint
+
+    @functools.wraps(save)
+    def slow_save(*args, write=True, **kwargs):
+        if write:
+            time.sleep(delay)
+        return save(*args, write=write, **kwargs)
+    checkpoint.save_checkpoint = slow_save
+
+script = str(ROOT / sys.argv[1])
+sys.argv = [script, *sys.argv[2:]]
+runpy.run_path(script, run_name='__main__')
