@@ -23,12 +23,23 @@ TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '-
               '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--dropout=0.0']
 
 
+def torch_threads():
+    """The number of threads torch computes with, in the scripts the tests start and in the tests' own models: the
+    OMP_NUM_THREADS of the environment the suite runs in, so that it can be run at several thread counts; 1 where it
+    is not set (tiny models run fastest on one thread, and test machines are shared)."""
+    return os.environ.get('OMP_NUM_THREADS') or '1'
+
+
+def script_env(**extra):
+    """The environment of a script a test starts: unbuffered output, no Hugging Face hub, torch_threads() threads."""
+    return {**os.environ, 'PYTHONUNBUFFERED': '1', 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': torch_threads(), **extra}
+
+
 def run(script, *args, check=True, env=None, timeout=600, stdin=None):
     """Run a repository script with args from the repository root (stdin: text piped to it); return the
     CompletedProcess."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', **(env or {}))
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, input=stdin)
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          env=script_env(**(env or {})), capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
     return proc
@@ -36,9 +47,8 @@ def run(script, *args, check=True, env=None, timeout=600, stdin=None):
 
 def torchrun(nproc, script, *args, timeout=600):
     """Run a repository script in nproc processes on this machine (torchrun, CPU: the gloo backend)."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', script, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f'torchrun {script} {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
     return proc
@@ -47,7 +57,7 @@ def torchrun(nproc, script, *args, timeout=600):
 def run_all(commands, at_once=2):
     """Run several (script, *args) commands, at_once at a time: scripts that fail early are mostly start-up
     time, which overlaps well. Returns their CompletedProcess, in order."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    env = script_env()
     results = []
     for i in range(0, len(commands), at_once):
         procs = [subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
@@ -94,12 +104,13 @@ def char_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and test machines are shared: use with
-    pytestmark = pytest.mark.usefixtures('one_torch_thread')."""
+def torch_threads_here():
+    """torch_threads() threads for the models a test runs in this process, as in the scripts it starts (so a result
+    computed here and one printed by a script come from the same thread count): use with
+    pytestmark = pytest.mark.usefixtures('torch_threads_here')."""
     import torch
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(torch_threads()))
     yield
     torch.set_num_threads(threads)
 

@@ -34,13 +34,7 @@ SWITCHES = {
 }
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy machine a second one only waits for a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 
 def tiny_model(seed=0, **switches):

@@ -18,7 +18,7 @@ from model import GPT, GPTConfig
 import prepare_chat
 from tokenizer import CharTokenizer, TokenizerError, load_tokenizer, make_tokenizer, tokenizers_match, with_chat_template
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
+pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 QA = [('Romeo loves?', 'JULIET.'), ('Add 2 and 3?', '5.'), ('Best season?', 'spring.'), ('Sea colour?', 'blue.'),
       ('Verona is in?', 'Italy.')]

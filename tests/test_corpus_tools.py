@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_clean_error, run_all
+from conftest import ROOT, assert_clean_error, run_all, script_env
 from dataset import load_meta, open_split
 from sample_quality import ngrams, words
 from synthesize import Duplicates
 from tokenizer import load_tokenizer
 from topics import read_labels, read_records
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread', 'hub_offline')
+pytestmark = pytest.mark.usefixtures('torch_threads_here', 'hub_offline')
 
 TOPICS = ['the sea', 'a very old city by the river', 'music']
 SAMPLED = ['--per_topic=3', '--temperature=1.0', '--top_k=50', '--seed=5']
@@ -93,7 +93,7 @@ def run_each(commands):
 
 
 @pytest.fixture(scope='module')
-def first_runs(models, tmp_path_factory, hub_offline, one_torch_thread):
+def first_runs(models, tmp_path_factory, hub_offline, torch_threads_here):
     """Sampled articles from topics, greedy continuations of documents, labels of the documents, greedy articles."""
     lm, nli = models
     folder = tmp_path_factory.mktemp('corpus')
@@ -204,7 +204,7 @@ def cut_short(log, copy, keep, edit=lambda records: None):
 
 
 @pytest.fixture(scope='module')
-def resumed_runs(models, first_runs, tmp_path_factory, hub_offline, one_torch_thread):
+def resumed_runs(models, first_runs, tmp_path_factory, hub_offline, torch_threads_here):
     """The sampled articles and the labels as a kill mid-way leaves them, each run again to the end."""
     folder, _ = first_runs
     cut = tmp_path_factory.mktemp('cut')
@@ -332,9 +332,9 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_result(models, tmp
     args = [f'--model={models[0]}', '--device=cpu', '--max_new_tokens=24', '--batch_size=4', '--per_topic=4',
             '--temperature=1.0', '--seed=3', f'--topics={topics}']
     in_process('synthesize.py', *args, f'--out_dir={tmp_path / "whole"}')
-    env = dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    # on the thread count of the runs in this process (torch_threads_here): sampled text is compared exactly
     killed = subprocess.Popen([sys.executable, str(ROOT / 'synthesize.py'), *args, f'--out_dir={tmp_path / "killed"}'],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / 'killed' / 'manifest.jsonl'
     while not (manifest.exists() and manifest.read_bytes().count(b'\n') >= 2):  # in batch 1 of 8
         assert killed.poll() is None, 'the run ended before it wrote a document'
@@ -350,7 +350,7 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_result(models, tmp
     assert sorted(p.name for p in (tmp_path / 'killed').iterdir()) == sorted(p.name for p in (tmp_path / 'whole').iterdir())
 
 
-def test_bad_input_gets_one_line(models, first_runs, tmp_path, hub_offline, one_torch_thread):
+def test_bad_input_gets_one_line(models, first_runs, tmp_path, hub_offline, torch_threads_here):
     folder, _ = first_runs
     docs, sampled = folder / 'docs', folder / 'sampled'
     (tmp_path / 'empty.txt').write_text('\n  \n', encoding='utf-8')

@@ -17,7 +17,7 @@ from muon import configure_optimizers
 from tokenizer import make_tokenizer
 
 BLOCK = 16
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
+pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 
 def tiny_gpt(seed=0, vocab_size=48, **overrides):

@@ -15,7 +15,7 @@ from hf_gpt2 import HFError, export_gpt2, load_gpt2, tiktoken_backend, tokenizer
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, make_tokenizer
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread', 'hub_offline')
+pytestmark = pytest.mark.usefixtures('torch_threads_here', 'hub_offline')
 
 CORPUS = [f"{who}: Shall I compare thee to a summer's day? Thou art more lovely, {n} times.\n"
           f"Привет, мир! 你好. Naïve café — 12345 + 0.5\n" for n in range(40) for who in ('ROMEO', 'JULIET')]

@@ -16,7 +16,7 @@ from multiple_choice import (Item, TaskError, accuracies, arc_item, choice_logpr
                              hellaswag_item, load_task, piqa_item, shot_indices)
 from tokenizer import load_tokenizer, make_tokenizer
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread', 'hub_offline')
+pytestmark = pytest.mark.usefixtures('torch_threads_here', 'hub_offline')
 
 CORPUS = [f"Question: what does {who} say, {n} times? Answer: Shall I compare thee to a summer's day.\n"
           f"Привет, мир! Naïve café.\n\n" for n in range(30) for who in ('ROMEO', 'JULIET', 'the fool')]

@@ -14,13 +14,13 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import load_model, read_checkpoint, save_checkpoint
-from conftest import ROOT, TINY_TRAIN, assert_clean_error, run, run_all
+from conftest import ROOT, TINY_TRAIN, assert_clean_error, run, run_all, script_env
 from dataset import load_meta, open_split
 from tokenizer import load_tokenizer
 
 SEPARATOR = '\n---------------\n'
 BLOCK = 32  # TINY_TRAIN's block_size
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
+pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +60,7 @@ def test_greedy_sample_is_the_models_argmax_and_interactive_matches(trained, loa
     inter = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--out_dir={out}', '--device=cpu',
                             '--interactive=True', '--temperature=0', '--num_samples=1', '--max_new_tokens=20'],
                            input='ROMEO:\nJULIET:\n', capture_output=True, text=True, cwd=ROOT, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS='1'))
+                           env=script_env())
     assert inter.returncode == 0, inter.stderr
     assert inter.stdout == proc.stdout + greedy_reference(*loaded, 'JULIET:', 20) + SEPARATOR
 
