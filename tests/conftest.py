@@ -69,6 +69,22 @@ def run_all(commands, at_once=2):
     return results
 
 
+# Two code paths that compute the same logits (a KV cache or none, a batch or one row, ours or transformers', in a
+# script or in this process) do it in another order: the logits differ in their last bits, up to a few 1e-6 in these
+# tests. That cannot change an argmax unless the top two logits are nearly tied, which random data can hold. A test that
+# compares the greedy tokens of two such paths exactly first checks that its data has no near-tie at any step.
+NEAR_TIE = 1e-4  # 30x the largest difference seen between two paths' logits (3e-6)
+
+
+def assert_no_near_tie(logits, what=''):
+    """The top two of each row of logits (..., vocab) are more than NEAR_TIE apart: greedy decoding picks the same
+    token from these logits as from another code path's, equal but for their last bits."""
+    top = logits.detach().float().topk(2, dim=-1).values
+    gap = (top[..., 0] - top[..., 1]).min().item()
+    assert gap > NEAR_TIE, (f'near-tie in the test data{what}: two logits only {gap:.1e} apart, which last-bit '
+                            f'differences between code paths can swap: pick data (a seed) with clear-cut choices')
+
+
 def assert_clean_error(proc, *fragments):
     """A bad input ends with a non-zero exit and a short message, never a traceback."""
     assert proc.returncode != 0, proc.stdout
