@@ -193,6 +193,7 @@ def test_a_rotary_model_of_a_huge_context_decodes_with_a_cache_sized_to_the_requ
     out = generate(model, prompt, 6, temperature=0)
     small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32, position='rotary')).eval()
     small.load_state_dict(model.state_dict())
+    # exactly: both caches hold the 11 positions the request reaches, so both decode with the same shapes
     assert torch.equal(out, generate(small, prompt, 6, temperature=0))
 
 
@@ -259,7 +260,7 @@ def test_settings_that_look_odd_but_mean_something_still_work(lab, char_dataset,
                '--max_iters=3', '--eval_interval=3', '--learning_rate=0', '--seed=4')
     ckpt, trained = faults.weights(str(out))
     torch.manual_seed(4)
-    initial = GPT(GPTConfig(**ckpt['model_args'])).state_dict()
+    initial = GPT(GPTConfig(**ckpt['model_args'])).state_dict()  # the same seeded draws as train.py's
     assert 'iter 3:' in proc.stdout and all(torch.equal(trained[k], initial[k]) for k in trained)
 
     prompt = tmp_path / 'prompt.txt'
