@@ -23,18 +23,23 @@ TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '-
               '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--dropout=0.0']
 
 
+def torch_threads():
+    """The number of threads torch computes with, in the scripts the tests start and in the tests' own models: the
+    OMP_NUM_THREADS of the environment the suite runs in, so that it can be run at several thread counts; 1 where it
+    is not set (tiny models run fastest on one thread, and test machines are shared)."""
+    return os.environ.get('OMP_NUM_THREADS') or '1'
+
+
 def script_env(**extra):
-    """The environment of the scripts the tests start: offline, unbuffered, one thread each (tiny models run
-    fastest so, and test machines are shared), plus extra."""
-    return dict(os.environ, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', **extra)
+    """The environment of a script a test starts: unbuffered output, no Hugging Face hub, torch_threads() threads."""
+    return {**os.environ, 'PYTHONUNBUFFERED': '1', 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': torch_threads(), **extra}
 
 
 def run(script, *args, check=True, env=None, timeout=600, stdin=None):
     """Run a repository script with args from the repository root (stdin: text piped to it); return the
     CompletedProcess."""
-    full_env = script_env(**(env or {}))
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, input=stdin)
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          env=script_env(**(env or {})), capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
     return proc
@@ -62,6 +67,22 @@ def run_all(commands, at_once=2):
             stdout, stderr = p.communicate(timeout=600)
             results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return results
+
+
+# Two code paths that compute the same logits (a KV cache or none, a batch or one row, ours or transformers', in a
+# script or in this process) do it in another order: the logits differ in their last bits, up to a few 1e-6 in these
+# tests. That cannot change an argmax unless the top two logits are nearly tied, which random data can hold. A test that
+# compares the greedy tokens of two such paths exactly first checks that its data has no near-tie at any step.
+NEAR_TIE = 1e-4  # 30x the largest difference seen between two paths' logits (3e-6)
+
+
+def assert_no_near_tie(logits, what=''):
+    """The top two of each row of logits (..., vocab) are more than NEAR_TIE apart: greedy decoding picks the same
+    token from these logits as from another code path's, equal but for their last bits."""
+    top = logits.detach().float().topk(2, dim=-1).values
+    gap = (top[..., 0] - top[..., 1]).min().item()
+    assert gap > NEAR_TIE, (f'near-tie in the test data{what}: two logits only {gap:.1e} apart, which last-bit '
+                            f'differences between code paths can swap: pick data (a seed) with clear-cut choices')
 
 
 def assert_clean_error(proc, *fragments):
@@ -99,12 +120,13 @@ def char_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and test machines are shared: use with
-    pytestmark = pytest.mark.usefixtures('one_torch_thread')."""
+def torch_threads_here():
+    """torch_threads() threads for the models a test runs in this process, as in the scripts it starts (so a result
+    computed here and one printed by a script come from the same thread count): use with
+    pytestmark = pytest.mark.usefixtures('torch_threads_here')."""
     import torch
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(torch_threads()))
     yield
     torch.set_num_threads(threads)
 

@@ -34,13 +34,7 @@ SWITCHES = {
 }
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy machine a second one only waits for a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 
 def tiny_model(seed=0, **switches):
@@ -82,7 +76,7 @@ def test_switch_trains_and_round_trips_a_checkpoint(name, optimizer, tmp_path):
     loaded, _, ckpt = load_model(tmp_path)
     loaded.eval()
     x = batches[0][0]
-    with torch.no_grad():
+    with torch.no_grad():  # exactly: the same weights, read back bit for bit, through the same forward pass
         assert torch.equal(model(x)[0], loaded(x)[0])
     assert loaded.config == model.config
 
@@ -167,6 +161,7 @@ def test_kv_cache_equals_no_cache_forward(switches):
         cache = KVCache(model.config, 2, 16, 'cpu', torch.float32)
         parts = [model(idx[:, :7], cache=cache)[0]]  # a prompt, then one token at a time
         parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 16)]
+    # attention over a cache, one position at a time, or all at once: float32 sums in another order, a few ulps
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
     # past block_size, the decoder's window jumps forward: the cached and uncached paths still agree
@@ -195,7 +190,7 @@ def test_logit_softcap_bounds_the_logits():
 def test_zero_init_makes_every_block_the_identity():
     model = tiny_model(zero_init_proj=True, tie_weights=False)
     x = torch.randn(2, 16, 32)
-    for block in model.transformer.h:
+    for block in model.transformer.h:  # exactly: zero projections and biases add exact zeros
         assert torch.equal(block(x), x)
     # and the untied head starts at zero: uniform predictions, loss exactly ln(vocab)
     idx = torch.randint(0, 32, (2, 16))

@@ -3,7 +3,7 @@ target, and a two-sided comparison end to end."""
 import re
 
 import pytest
-from conftest import TINY_TRAIN, assert_clean_error, run, val_losses
+from conftest import TINY_TRAIN, assert_clean_error, run, torch_threads, val_losses
 
 import bench
 from model import GPT, GPTConfig
@@ -56,7 +56,7 @@ def test_summary_figures_from_a_log():
 def test_run_stops_at_the_target_and_reads_the_log(char_dataset, monkeypatch, tmp_path):
     """A run that would go on for 100,000 steps is stopped at the first evaluation at or below the target;
     the figures come from train.py's own lines."""
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')  # a tiny model: a second thread only waits on a busy machine
+    monkeypatch.setenv('OMP_NUM_THREADS', torch_threads())  # bench.run_train starts train.py in os.environ
     config = tmp_path / 'sparse_log.py'
     config.write_text('log_interval = 5\n')  # bench times every iteration all the same
     args = [str(config), *[a for a in TINY_BENCH if not a.startswith('--log_interval')], f'--dataset={char_dataset}',

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model, read_checkpoint, save_checkpoint
-from conftest import SHARED, TINY_TEXT, TINY_TRAIN, assert_clean_error, final_weights, run, run_all, torchrun
+from conftest import (SHARED, TINY_TEXT, TINY_TRAIN, assert_clean_error, assert_no_near_tie, final_weights, run,
+                      run_all, torchrun)
 from dataset import DatasetError, load_meta, open_mask, open_split, sample_windows
 from model import GPT, GPTConfig
 import prepare_chat
 from tokenizer import CharTokenizer, TokenizerError, load_tokenizer, make_tokenizer, tokenizers_match, with_chat_template
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
+pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 QA = [('Romeo loves?', 'JULIET.'), ('Add 2 and 3?', '5.'), ('Best season?', 'spring.'), ('Sea colour?', 'blue.'),
       ('Verona is in?', 'Italy.')]
@@ -158,9 +159,10 @@ def test_masked_loss_equals_a_hand_computation():
         sample_windows(data, 16, 4, np.random.default_rng(0), np.zeros(500, np.uint8))
 
 
-def reference_chat(model, tok, questions, room):
+def reference_chat(model, tok, questions, room, exact=True):
     """The replies sample.py --chat should give (greedy), recomputed without a cache: the whole conversation through
-    the model for every token, dropping the oldest exchanges as sample.py says it does."""
+    the model for every token, dropping the oldest exchanges as sample.py says it does. exact: the replies are to be
+    compared with sample.py's, whose cache is other arithmetic: no step may have a near-tie."""
     user, assistant, end = tok.marker_ids['user'], tok.marker_ids['assistant'], tok.end_id
     exchanges, replies = [], []
     for question in questions:
@@ -171,6 +173,8 @@ def reference_chat(model, tok, questions, room):
         for _ in range(room):
             with torch.no_grad():
                 logits = model(torch.tensor([context + reply]))[0][0, -1, :tok.vocab_size]
+            if exact:
+                assert_no_near_tie(logits, f' ({question!r}, token {len(reply)})')
             if int(logits.argmax()) == end:
                 break
             reply.append(int(logits.argmax()))
@@ -191,7 +195,8 @@ def test_a_fine_tune_answers_where_the_base_does_not_and_the_chat_equals_a_recom
     # the base before the fine-tune (learning rate 0: its weights, and rows for the template's tokens) does not answer
     before, _, _ = load_model(tuned / 'still')
     for question, answer in QA:
-        assert reference_chat(before.eval(), load_tokenizer(description), [question], len(answer) + 1) != [answer]
+        reply = reference_chat(before.eval(), load_tokenizer(description), [question], len(answer) + 1, exact=False)
+        assert reply != [answer]
 
 
 def test_replies_cut_at_max_new_tokens_are_closed_and_a_message_too_long_is_refused(tuned):
@@ -221,7 +226,7 @@ def test_the_template_tokens_get_new_rows_at_the_mean_of_the_old(base, tuned):
     assert (ckpt['model_args']['vocab_size'], ckpt['model_args']['real_vocab_size']) == (128, len(CHARS) + 4)
     wte, before = new['transformer.wte.weight'], old['transformer.wte.weight']
     assert torch.equal(wte[:len(CHARS)], before[:len(CHARS)])
-    mean = before[:len(CHARS)].mean(dim=0)
+    mean = before[:len(CHARS)].mean(dim=0)  # exactly: train.py's arithmetic, on the same rows and thread count
     assert all(torch.equal(wte[len(CHARS) + i], mean) for i in range(4))
 
 
@@ -281,6 +286,7 @@ def test_eval_scores_a_chat_dataset_on_the_replies_alone(tuned, chats):
                                 ('eval.py', f'--out_dir={out}', '--device=cpu')])
     rows = [proc.stdout.strip().splitlines()[1].split() for proc in (like_train, full)]
     assert all('(replies)' in row for row in rows), rows
+    # train.py's own figure (the same weights, batches, shapes and thread count), printed to 4 decimals
     assert abs(float(rows[0][-3]) - read_checkpoint(out, 'best.json')['best_val_loss']) < 5e-5
 
     model = load_model(out).model.eval()
@@ -296,7 +302,7 @@ def test_eval_scores_a_chat_dataset_on_the_replies_alone(tuned, chats):
                     total -= logp[t, window[t + 1]].item()
                     count += 1
     assert int(rows[1][-4].replace(',', '')) == count < len(ids) - 1
-    assert abs(float(rows[1][-3]) - total / count) < 5e-5
+    assert abs(float(rows[1][-3]) - total / count) < 6e-5  # printed to 4 decimals (5e-5); float32 rounding
 
 
 def test_an_exported_chat_model_chats_in_transformers_as_here(tuned, tmp_path, hub_offline):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_TRAIN, run_all
+from conftest import ROOT, TINY_TRAIN, assert_no_near_tie, run_all
 from test_prepare import ENV, TIKTOKEN_CACHE, error_line, load, run, sentences, split_of
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 
@@ -65,7 +65,8 @@ def test_openwebtext_script_with_a_local_dataset(tmp_path, gpt2):
 
 def greedy_completion(out_dir, prompt, max_new_tokens):
     """What sample.py must print at temperature 0, computed here without it: the checkpoint's model, the
-    tokenizer stored in the checkpoint, argmax over the tokenizer's ids, a stop at end-of-text."""
+    tokenizer stored in the checkpoint, argmax over the tokenizer's ids, a stop at end-of-text. sample.py computes
+    the same logits in another process, with its decoding layout: no step here may have a near-tie."""
     import torch
     from checkpoint import load_model
     model, _, ckpt = load_model(out_dir)
@@ -78,6 +79,7 @@ def greedy_completion(out_dir, prompt, max_new_tokens):
             logits, _ = model(torch.tensor([ids + new]), last_only=True)
             logits = logits[0, -1]
             logits[tok.vocab_size:] = -float('inf')  # the padding rows of the embedding are no tokens
+            assert_no_near_tie(logits, f' ({out_dir}, step {len(new)})')
             token = int(logits.argmax())
             if token == tok.eot_id:
                 break

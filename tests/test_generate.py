@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from conftest import assert_no_near_tie
 from generate import (Decoder, beam_search, check_controls, continue_tokens, filter_top_k, filter_top_p, generate,
                       generate_text, generate_tokens, penalise_repetition, sample_token, use_decoding_layout)
 from model import GPT, GPTConfig
@@ -17,7 +18,7 @@ from muon import configure_optimizers
 from tokenizer import make_tokenizer
 
 BLOCK = 16
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
+pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 
 def tiny_gpt(seed=0, vocab_size=48, **overrides):
@@ -39,6 +40,17 @@ def sequence_score(model, idx, tokens, length_penalty=1.0):
     return logp.gather(1, full[0, idx.size(1):, None]).sum().item() / len(tokens) ** length_penalty
 
 
+def greedy_without_near_ties(model, prompt, steps, use_cache=True):
+    """generate(model, prompt, steps, temperature=0, use_cache=use_cache)'s new tokens (B, steps), by the same decoder,
+    checking that no step's logits have a near-tie: another code path's greedy tokens must then be these exactly."""
+    decoder = Decoder(model, prompt, use_cache, steps)
+    for step in range(steps):
+        logits = decoder.next_logits()
+        assert_no_near_tie(logits, f' (step {step})')
+        decoder.append(logits.argmax(-1))
+    return decoder.seq[:, prompt.size(1):]
+
+
 def window_start(length, start):
     """The documented window rule (generate.Decoder): past block_size, jump to the newest half block."""
     return length - BLOCK // 2 if length - start > BLOCK else start
@@ -56,13 +68,17 @@ def test_cache_logits_equal_no_cache_and_plain_forward_past_block_size(overrides
     for step in range(3 * BLOCK):  # several window jumps
         start = window_start(seq.size(1), start)
         reference = model(seq[:, start:])[0][:, -1].float()  # one plain forward over the same window
+        assert_no_near_tie(reference, f' (step {step})')  # for the exact comparison of tokens below
         a, b = cached.next_logits(), plain.next_logits()
+        # attention over a cache or over the whole window, one position or all: float32 sums in another order,
+        # a few ulps of these logits (up to ~3e-6)
         torch.testing.assert_close(a, reference, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b, reference, atol=1e-5, rtol=1e-5)
         token = a.argmax(-1)
         cached.append(token), plain.append(token)
         seq = torch.cat([seq, token[:, None]], dim=1)
-    # and the public API gives identical greedy tokens both ways, and the ones the reference chose
+    # and the public API gives identical greedy tokens both ways, and the ones the reference chose: exactly, as no step
+    # above had a near-tie (with the cache, generate runs the cached decoder above: the same arithmetic)
     with_cache = generate(model, prompt, 3 * BLOCK, temperature=0, use_cache=True)
     without = generate(model, prompt, 3 * BLOCK, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
@@ -93,6 +109,7 @@ def test_decoding_layout_changes_memory_order_only():
     assert model.transformer.wte.weight is model.lm_head.weight
     after, before = model.state_dict(), reference.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    # the same values in another memory order may take another matmul kernel: a few ulps at most
     torch.testing.assert_close(model(prompt)[0], reference(prompt)[0], atol=1e-6, rtol=1e-6)
     # a training step from here matches one from the untouched copy
     targets = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(4))
@@ -101,7 +118,7 @@ def test_decoding_layout_changes_memory_order_only():
         optimizer = configure_optimizers(m, 0.1, 1e-2, (0.9, 0.95), 'cpu')
         m(generated, targets)[1].backward()
         optimizer.step()
-    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):  # likewise, through one AdamW step
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
 
 
@@ -109,7 +126,8 @@ def test_rows_of_a_batch_are_independent():
     model = tiny_gpt()
     prompts = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(2))
     together = generate(model, prompts, 30, temperature=0)
-    for row in range(3):
+    assert torch.equal(together[:, 5:], greedy_without_near_ties(model, prompts, 30))  # the same decoding, checked
+    for row in range(3):  # one row alone is computed with other shapes, so equal but for last bits: the same tokens
         assert torch.equal(together[row], generate(model, prompts[[row]], 30, temperature=0)[0])
 
 
@@ -117,7 +135,7 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
     model = tiny_gpt()
     prompt = torch.randint(0, 48, (4, 3), generator=torch.Generator().manual_seed(3))
     greedy = generate(model, prompt, 40, temperature=0)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same decoder, the same batch: the same logits, of which each control keeps the argmax
     assert torch.equal(generate(model, prompt, 40, temperature=1.5, top_k=1), greedy)
     assert torch.equal(generate(model, prompt, 40, temperature=1.5, top_p=1e-6), greedy)
     sampled = generate(model, prompt, 40, temperature=1.5)
@@ -169,9 +187,10 @@ def test_repetition_penalty_lowers_seen_tokens_only():
     model = tiny_gpt()
     prompt = torch.randint(0, 48, (1, 4), generator=torch.Generator().manual_seed(4))
     seq = prompt
-    for _ in range(BLOCK - 4):
-        logits = model(seq)[0][:, -1].float()
-        seq = torch.cat([seq, penalise_repetition(logits, seq, 1.8).argmax(-1, keepdim=True)], dim=1)
+    for step in range(BLOCK - 4):  # plain forward passes here, the KV cache in generate: no near-tie allowed
+        logits = penalise_repetition(model(seq)[0][:, -1].float(), seq, 1.8)
+        assert_no_near_tie(logits, f' (step {step})')
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generate(model, prompt, BLOCK - 4, temperature=0, repetition_penalty=1.8), seq)
     assert not torch.equal(generate(model, prompt, BLOCK - 4, temperature=0), seq)
 
@@ -181,6 +200,9 @@ def test_one_beam_is_greedy():
     for seed in range(3):
         prompt = torch.randint(0, 48, (1, 4), generator=torch.Generator().manual_seed(seed))
         greedy = generate(model, prompt, 3 * BLOCK, temperature=0)[0, 4:].tolist()
+        # the same decoder gives beam search the same logits; it ranks them by running log-probability, greedy by
+        # logit: the same order, but for rounding where two logits are nearly tied, which this data has not
+        assert greedy_without_near_ties(model, prompt, 3 * BLOCK)[0].tolist() == greedy
         assert beam_search(model, prompt, 3 * BLOCK, num_beams=1)[0][1] == greedy
         # with an end-of-text token: greedy stops at it, and so does the single beam
         eot = greedy[5]
@@ -197,6 +219,7 @@ def test_beam_scores_are_what_a_plain_forward_pass_gives(length_penalty):
             assert len(hypotheses) == num_beams
             assert [h[0] for h in hypotheses] == sorted((h[0] for h in hypotheses), reverse=True)
             for score, tokens in hypotheses:  # each score is what a plain forward pass gives its tokens
+                # (a sum of per-step float32 log-probabilities from the cache, each a few ulps from the plain pass's)
                 assert score == pytest.approx(sequence_score(model, prompt, tokens, length_penalty), abs=1e-4)
 
 
@@ -315,6 +338,8 @@ def test_compiled_decoding_compiles_a_few_graphs_and_gives_the_same_tokens(overr
         prompt = torch.randint(0, 48, (2, prompt_len), generator=torch.Generator().manual_seed(seed))
         eager = generate(model, prompt, 3 * BLOCK, temperature=0)
         tokens = torch.stack(list(generate_tokens(compiled, prompt, 3 * BLOCK, temperature=0)), dim=1)
+        # exactly: the counting backend runs the captured graphs' torch operations as they are (no inductor, no
+        # fusion), on the same tensors as the eager decoder: the same arithmetic
         assert torch.equal(torch.cat([prompt, tokens], dim=1), eager)
     assert counter.frame_count <= 4
 
@@ -359,8 +384,8 @@ def test_a_conversation_feeds_each_token_through_the_model_once():
         history += turn + reply
     assert sum(fed) == len(history) - 1  # every token once, but the last reply's last (never fed back)
     history = []
-    for turn, reply in zip(turns, replies):
+    for turn, reply in zip(turns, replies):  # no cache here, one fed turn by turn above: equal tokens, no near-tie
         history += turn
-        expected = [t.item() for t in generate_tokens(model, torch.tensor([history]), 2, temperature=0.0, use_cache=False)]
+        expected = greedy_without_near_ties(model, torch.tensor([history]), 2, use_cache=False)[0].tolist()
         assert reply == expected
         history += reply

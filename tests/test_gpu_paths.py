@@ -5,13 +5,14 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, run
+from conftest import TINY_TRAIN, assert_no_near_tie, run
 
 from safetensors.torch import load_file
 
-from checkpoint import read_checkpoint, save_checkpoint
+from checkpoint import load_model, read_checkpoint, save_checkpoint
+from generate import Decoder
 from model import GPT, GPTConfig
-from tokenizer import make_tokenizer
+from tokenizer import load_tokenizer, make_tokenizer
 
 TRAIN = [*TINY_TRAIN, '--max_iters=8', '--eval_interval=4', '--warmup_iters=2', '--seed=7']
 
@@ -67,8 +68,8 @@ def test_mixed_precision_training_follows_float32(char_dataset, tmp_path, eager,
 
 @pytest.fixture(scope='module')
 def sharp_checkpoint(tmp_path_factory):
-    """A checkpoint whose next-token choices are clear-cut (sharp logits), so 16-bit rounding cannot tip a
-    near-tie: whatever differs between two decoding paths then shows in the text."""
+    """A checkpoint whose next-token choices are clear-cut (sharp logits; greedy_has_no_near_tie checks it where two
+    decoding paths' texts are compared): whatever differs between the paths then shows in the text."""
     text = "ROMEO: Shall I compare thee to a summer's day?\nJULIET: Thou art more lovely.\n"
     tokenizer = make_tokenizer('char', text)
     args = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, position='rotary', qk_norm=True,
@@ -80,6 +81,18 @@ def sharp_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp('sharp')
     save_checkpoint(out, model, None, 1, 0.0, args, {}, tokenizer.describe())
     return out
+
+
+def greedy_has_no_near_tie(out, prompt, n):
+    """Greedy decoding of prompt by the checkpoint in out, as sample.py does it, has no near-tie at any of its n steps
+    (conftest.assert_no_near_tie): two decoding paths of other arithmetic (compiled, eager) must give the same text."""
+    model, description, _ = load_model(out)
+    tokenizer = load_tokenizer(description)
+    decoder = Decoder(model.eval(), torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=n)
+    for step in range(n):
+        logits = decoder.next_logits()[:, :tokenizer.vocab_size]
+        assert_no_near_tie(logits, f' (step {step})')
+        decoder.append(logits.argmax(-1))
 
 
 def greedy(out, *args):
@@ -101,6 +114,8 @@ def test_bfloat16_sampling_runs_with_and_without_the_cache(sharp_checkpoint):
 def test_compiled_sampling_gives_the_eager_text_from_a_few_graphs(sharp_checkpoint):
     proc = run('sample.py', f'--out_dir={sharp_checkpoint}', '--device=cpu', '--start=ROMEO:', '--temperature=0',
                '--num_samples=2', '--max_new_tokens=70', '--compile=True', env={'TORCH_LOGS': 'recompiles'})
+    # inductor fuses and reorders the arithmetic: logits within ~3e-6 of eager's; the closest choice is 1.4e-3 apart
+    greedy_has_no_near_tie(sharp_checkpoint, 'ROMEO:', 70)
     assert proc.stdout == greedy(sharp_checkpoint)
     # the prefill, the one-token step, a full cache, and the refill after a window jump: no graph per token
     assert proc.stderr.count('Recompiling function') <= 3, proc.stderr
@@ -111,4 +126,5 @@ def test_bfloat16_evaluation_follows_float32(char_dataset, tmp_path):
     table = {dtype: run('eval.py', f'--out_dir={tmp_path}', '--device=cpu', f'--dtype={dtype}').stdout
              for dtype in ('float32', 'bfloat16')}
     loss = {dtype: float(t.strip().splitlines()[1].split()[-3]) for dtype, t in table.items()}
+    # bfloat16 matmuls keep 8 bits of mantissa: the mean loss moves by a few thousandths
     assert loss['bfloat16'] == pytest.approx(loss['float32'], abs=0.01) and loss['float32'] < 4.0

@@ -4,6 +4,7 @@ mapping, and eval.py end to end on a checkpoint of ours and on a Hugging Face fo
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -16,7 +17,7 @@ from multiple_choice import (Item, TaskError, accuracies, arc_item, choice_logpr
                              hellaswag_item, load_task, piqa_item, shot_indices)
 from tokenizer import load_tokenizer, make_tokenizer
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread', 'hub_offline')
+pytestmark = pytest.mark.usefixtures('torch_threads_here', 'hub_offline')
 
 CORPUS = [f"Question: what does {who} say, {n} times? Answer: Shall I compare thee to a summer's day.\n"
           f"Привет, мир! Naïve café.\n\n" for n in range(30) for who in ('ROMEO', 'JULIET', 'the fool')]
@@ -74,6 +75,18 @@ def exported(tmp_path_factory):
     return folder, task, model, bpe
 
 
+def assert_decisive(items, scores, token_counts):
+    """No item's best two choices are nearly tied in any of accuracies()' three rankings (summed, per character, per
+    token): then another code path's scores, equal to these but for float32 rounding (within 1e-4, as the test above
+    finds), pick the same choices, and its accuracies are these exactly."""
+    for item, s, t in zip(items, scores, token_counts):
+        s = np.asarray(s, dtype=np.float64)
+        chars = np.array([max(1, len(c.lstrip())) for c in item.choices], dtype=np.float64)
+        for ranking in (s, s / chars, s / np.asarray(t, dtype=np.float64)):
+            best, second = np.sort(ranking)[::-1][:2]
+            assert best - second > 1e-3, f'near-tie in the test data: {item}, {ranking}'
+
+
 def our_scores(model, tokenizer, items, batch_size=3):
     pairs = [encode_pair(tokenizer, item.context, choice) for item in items for choice in item.choices]
     flat = choice_logprobs(model, pairs, BLOCK, batch_size, tokenizer.vocab_size)
@@ -95,6 +108,7 @@ def test_choice_log_likelihoods_equal_transformers(exported):
     for ours_model in (model.eval(), original):
         ours, pairs = our_scores(ours_model, tokenizer, BPE_TASK)
         assert [(list(c), list(ch)) for c, ch in pairs] == their_splits
+        # sums of float32 log-probabilities, ours batched and transformers' one sequence at a time: float32 rounding
         assert sum(ours, []) == pytest.approx(theirs, abs=1e-4)
     assert len(sum(their_splits[-3], [])) > BLOCK + 1  # the long context was cut to fit
     assert len({round(s, 3) for s in theirs}) == len(theirs)  # the model tells the choices apart
@@ -211,6 +225,7 @@ def test_eval_py_on_a_checkpoint_and_an_export(exported, char_dataset, tmp_path)
     tails = iter(len(tail) for _, tail in splits)
     their_tokens = [[next(tails) for _ in item.choices] for item in BPE_TASK]
     for proc, items, scores, counts in ((char_proc, char_items, plain, tokens), (hf_proc, BPE_TASK, theirs, their_tokens)):
+        assert_decisive(items, scores, counts)  # eval.py scores in batches: its picks are these (closest: 0.014 apart)
         expected = accuracies(items, scores, counts)
         cells = proc.stdout.strip().splitlines()[1].split()
         assert cells[2:4] == [str(len(items)), '0'] and float(cells[-1]) == pytest.approx(expected['chance'], abs=1e-4)

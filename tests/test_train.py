@@ -111,7 +111,7 @@ def test_init_from_a_checkpoint_folder_fine_tunes_its_weights(char_dataset, tmp_
     first = train(char_dataset, base, '--max_iters=10', '--eval_interval=10')
     saved = (base / 'checkpoint.json').read_text()
     proc = train(char_dataset, tuned, f'--init_from={base}', '--max_iters=4', '--eval_interval=4', '--learning_rate=1e-4')
-    assert val_losses(proc.stdout)[0] == val_losses(first.stdout)[-1]
+    assert val_losses(proc.stdout)[0] == val_losses(first.stdout)[-1]  # the same weights, batches and arithmetic
     assert read_checkpoint(tuned)['iter_num'] == 4 and (base / 'checkpoint.json').read_text() == saved
     assert_clean_error(train(char_dataset, tmp_path / 'x', f'--init_from={base}', '--block_size=64', check=False),
                        'block_size=64 is larger than', '--block_size=32')
