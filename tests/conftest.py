@@ -21,6 +21,9 @@ TINY_TEXT = ''.join(
 TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
               '--batch_size=8', '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1',
               '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--dropout=0.0']
+# the same in several processes: dropout draws from each process's torch generator, so a process continuing with
+# the wrong generator after a resume shows in the weights
+DDP_TRAIN = [*TINY_TRAIN, '--gradient_accumulation_steps=2', '--dropout=0.1', '--eval_interval=4', '--eval_iters=2']
 
 
 def torch_threads():
