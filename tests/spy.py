@@ -27,7 +27,10 @@ RANK = os.environ.get('RANK', '0')
 
 
 def say(what):
-    print(f'spy {RANK}: {what}', file=sys.stderr, flush=True)
+    # one write() of the whole line: pipe writes this short are atomic, so the lines of two processes sharing
+    # stderr never interleave (print() writes the text and its newline separately)
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), f'spy {RANK}: {what}\n'.encode())
 
 
 def watch(owner, name, describe):

@@ -280,14 +280,15 @@ def test_settings_that_look_odd_but_mean_something_still_work(lab, char_dataset,
 
 def test_ctrl_c_while_preparing_with_workers_says_one_line(tmp_path):
     """Ctrl-C reaches every process of the terminal's group: the workers stay quiet, the main process says what
-    happened in one line, and nothing is left in the folder."""
+    happened in one line, and nothing is left in the folder. The script starts with Ctrl-C's default action, as a
+    terminal's foreground job does, even when the suite itself runs with SIGINT ignored (a shell's background job)."""
     corpus = tmp_path / 'corpus.txt'
     corpus.write_text('\n\n'.join(f'{i}: {TINY_TEXT[i % 500:]}' for i in range(600)), encoding='utf-8')
     out = tmp_path / 'out'
     proc = subprocess.Popen([sys.executable, str(ROOT / 'prepare.py'), f'--input={corpus}', f'--out_dir={out}',
                              '--tokenizer=bpe', '--vocab_size=2000', '--num_proc=2', '--batch_mb=0.2'], cwd=ROOT,
                             env=faults.ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().startswith('preparing')
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
