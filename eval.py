@@ -6,7 +6,7 @@ accuracy on a multiple-choice task. Several models are compared side by side in 
     python eval.py --out_dir=out-shakespeare-char,out-other --text=sonnets.txt
     python eval.py --init_from=gpt2 --dataset=shakespeare              # GPT-2 itself, no checkpoint needed
     python eval.py --out_dir=out-shakespeare,gpt2 --dataset=shakespeare  # a fine-tune against its base
-    python eval.py --out_dir=out-shakespeare-char --train_batches=True  # exactly the val loss train.py printed
+    python eval.py --out_dir=out-shakespeare-char --train_batches=True  # the val loss train.py printed (same device, dtype, threads)
     python eval.py --out_dir=out-a,out-b --samples=20                  # and the figures of 20 samples of each
     python eval.py --init_from=gpt2 --task=hellaswag --shots=10        # multiple-choice accuracy instead of the loss
     python eval.py --out_dir=out-a --task=data/tasks/shakespeare_mc.jsonl  # a task of your own, one JSON item a line

@@ -56,7 +56,8 @@ class Decoder:
     next_logits() gives the next position's (B, vocab) float32 logits; append(tokens) extends each row.
     Once the sequence outgrows block_size, the context window jumps forward by half a block (keeping
     the newest half): the cache is refilled once per half block instead of every step, and the
-    no-cache path uses exactly the same windows, so both give identical tokens. With max_new_tokens, the
+    no-cache path uses exactly the same windows, so both compute the same logits (to float rounding: the cache's
+    attention sums in another order) and pick the same tokens but for near-ties. With max_new_tokens, the
     cache holds only the positions that many tokens can reach (at most block_size)."""
 
     def __init__(self, model, idx, use_cache=True, max_new_tokens=None):
@@ -101,9 +102,10 @@ class Decoder:
 @torch.no_grad()
 def use_decoding_layout(model):
     """Store every wide CPU weight matrix of model (more outputs than inputs: c_attn, c_fc, a large-vocabulary head)
-    transposed in memory. Values, shapes and results are unchanged, but a one-token step multiplies a vector by
-    the contiguous (in, out) matrix, whose long rows stream from memory about 1.7x faster on CPU (decoding is bound
-    by reading the weights; see bench_sample.py). Training afterwards is unaffected, only its speed may change.
+    transposed in memory. Values and shapes are unchanged, and so are results, but for float rounding (a kernel may
+    sum a transposed matrix in another order), while a one-token step multiplies a vector by the contiguous (in,
+    out) matrix, whose long rows stream from memory about 1.7x faster on CPU (decoding is bound by reading the
+    weights; see bench_sample.py). Training afterwards is unaffected, only its speed may change.
     sample.py applies it to the model it loads; a no-op once done, and on GPUs. Returns model."""
     with torch.inference_mode(False):  # a caller may be in inference mode; the weights must stay trainable
         for module in model.modules():

@@ -91,7 +91,7 @@ try:
 except TokenizerError as e:
     fail(e)
 model.eval()
-use_decoding_layout(model)  # faster one-token steps on a CPU, same results
+use_decoding_layout(model)  # faster one-token steps on a CPU, the same results to float rounding
 torch.manual_seed(seed)  # after loading: the samples depend on the seed, not on how the model was built
 # mixed precision as in training: float32 weights (and rotary tables), matmuls in bfloat16/float16
 ctx = autocast(device, dtype)
