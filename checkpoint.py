@@ -477,6 +477,18 @@ def load_training_state(out_dir, ckpt, optimizer):
     return ranks
 
 
+def restore(out_dir, model, optimizer, scaler):
+    """Put a running model (checkpoint_model's, or sharded), its optimizer and GradScaler back in the state of the
+    checkpoint in out_dir, in place, each process reading its rows as a resume does; returns its checkpoint.json.
+    Raises CheckpointError."""
+    ckpt = read_checkpoint(out_dir)
+    load_weights(out_dir, ckpt, model)
+    load_training_state(out_dir, ckpt, optimizer)
+    if ckpt['training_state'].get('scaler'):
+        scaler.load_state_dict(ckpt['training_state']['scaler'])
+    return ckpt
+
+
 # ---------------------------------------------------------------------------- a model to run
 
 class LoadedModel(NamedTuple):

@@ -31,9 +31,10 @@ class ConfigError(Exception):
 
 class Config(dict):
     """The settings, by key; .explicit names those the command line or a config file set, .defaults holds the
-    script's own values."""
+    script's own values, .before_auto the value each setting set to 'auto' had before."""
     explicit = frozenset()
     defaults = {}
+    before_auto = {}
 
 
 def fail(message):
@@ -125,12 +126,20 @@ def _assigned_names(source):
     return names
 
 
-def apply_config(defaults, argv, positional=None, aliases=None):
+def apply_config(defaults, argv, positional=None, aliases=None, auto=()):
     """Return the settings in defaults overridden by argv, as a Config; raise ConfigError on mistakes.
     positional: the setting that an argument which is no config file sets (sample.py's prompt); aliases maps other
-    names of a setting to it."""
+    names of a setting to it; auto names the settings that may also be 'auto' (the script works them out)."""
     config = Config(defaults)
-    explicit = set()
+    explicit, before_auto = set(), {}
+
+    def assign(key, value):
+        if value == 'auto' and key in auto:
+            if config[key] != 'auto':
+                before_auto[key] = config[key]
+            config[key] = value
+        else:
+            config[key] = _check_type(key, value, defaults[key])
     known = list(defaults)
     aliases = aliases or {}
     for arg in argv:
@@ -155,7 +164,7 @@ def apply_config(defaults, argv, positional=None, aliases=None):
                     if isinstance(value, (types.ModuleType, types.FunctionType, type)):
                         continue  # the file's imports and helpers
                     raise ConfigError(f'{arg}: {_unknown_key(key, known)}')
-                config[key] = _check_type(key, value, defaults[key])
+                assign(key, value)
         else:
             key, sep, raw = arg[2:].partition('=')
             if not sep or not key:
@@ -163,9 +172,9 @@ def apply_config(defaults, argv, positional=None, aliases=None):
             key = aliases.get(key, key)
             if key not in config:
                 raise _unknown_key(key, known)
-            config[key] = _check_type(key, _parse_value(raw, defaults[key]), defaults[key])
+            assign(key, _parse_value(raw, defaults[key]))
             explicit.add(key)
-    config.explicit, config.defaults = frozenset(explicit), dict(defaults)
+    config.explicit, config.defaults, config.before_auto = frozenset(explicit), dict(defaults), before_auto
     return config
 
 
@@ -196,10 +205,10 @@ def choose(config, key, allowed):
     raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}: {hint}".rstrip(': '))
 
 
-def configure(namespace, argv=None, positional=None, aliases=None):
+def configure(namespace, argv=None, positional=None, aliases=None, auto=()):
     """Apply the command line to a script's settings in place (namespace is its globals()) and return
     them as a dict. --help prints the keys and exits; a mistake prints one line and exits with code 2.
-    positional and aliases: see apply_config."""
+    positional, aliases and auto: see apply_config."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: namespace[k] for k in config_keys(namespace)}
     if any(a in ('-h', '--help') for a in argv):
@@ -209,7 +218,7 @@ def configure(namespace, argv=None, positional=None, aliases=None):
             pass
         sys.exit(0)
     try:
-        config = apply_config(defaults, argv, positional, aliases)
+        config = apply_config(defaults, argv, positional, aliases, auto)
     except ConfigError as e:
         fail(e)
     namespace.update(config)

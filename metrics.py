@@ -29,7 +29,7 @@ def read_metrics(out_dir):
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the last line of a killed run, half written
-                if isinstance(record, dict) and isinstance(record.get('iter'), int) and record.get('kind') in ('step', 'eval'):
+                if isinstance(record, dict) and isinstance(record.get('iter'), int) and record.get('kind') in ('step', 'eval', 'event'):
                     records.append(record)  # anything else is not ours: left out, not trusted
     return records
 
@@ -44,6 +44,12 @@ class MetricsLog:
         text = ''.join(json.dumps(r) + '\n' for r in kept).encode('utf-8')
         atomic_write_bytes(self.path, lambda f: f.write(text))
         self.time_offset = max((r['time'] for r in kept if isinstance(r.get('time'), (int, float))), default=0.0)
+
+    def rewind(self, iter_num):
+        """Drop the records past iter_num: the steps a recovery from divergence undid (the wall time goes on)."""
+        kept = [r for r in read_metrics(os.path.dirname(self.path)) if r['iter'] <= iter_num]
+        text = ''.join(json.dumps(r) + '\n' for r in kept).encode('utf-8')
+        atomic_write_bytes(self.path, lambda f: f.write(text))
 
     def log(self, kind, iter_num, elapsed, **values):
         """One record: kind 'step' or 'eval', the iteration, this process's elapsed seconds, and the figures."""

@@ -35,12 +35,9 @@ else
     echo "==> no CUDA GPU: training the small CPU model ($config, about a minute)"
 fi
 if [ -f $out/checkpoint.json ]; then
-    init=resume
     echo "==> $out has a checkpoint: resuming it (a finished run stops at once)"
-else
-    init=scratch
 fi
-"$PY" train.py $config --out_dir=$out --init_from=$init
+"$PY" train.py $config --out_dir=$out --init_from=auto   # resumes a checkpoint in out_dir, else starts afresh
 
 echo "==> sampling from $out"
 "$PY" sample.py --out_dir=$out --start="ROMEO:" --num_samples=2 --max_new_tokens=300

@@ -130,6 +130,16 @@ class MemoryPhases:
     def __init__(self, device, phase):
         self.device, self.phase, self.peaks = device, phase, {}
 
+    @staticmethod
+    def summary(phases, device):
+        """The lines train.py ends with: every process's peak (phases: each process's peaks, rank 0 first), and by
+        phase."""
+        what = 'allocated by PyTorch' if device.startswith('cuda') else 'resident, the whole process'
+        peaks = ', '.join(f'{max(p.values()):,.0f}' for p in phases)
+        by_phase = '; '.join(f"{name} {', '.join(f'{p[name]:,.0f}' for p in phases)}" for name in phases[0])
+        overall = (f'peak memory per process: {peaks} MiB ({what})' if len(phases) > 1 else f'peak memory {peaks} MiB')
+        return f'{overall}\npeak memory by phase, MiB per process: {by_phase}'
+
     def enter(self, phase):
         """End the current phase (its peak joins any earlier peak of the same name) and begin phase (None: the
         end of the run)."""

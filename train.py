@@ -26,16 +26,18 @@ import torch
 from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
-from checkpoint import (CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state, load_weights,
-                        lock_out_dir, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from checkpoint import (CHECKPOINT_NAME, CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state,
+                        load_weights, lock_out_dir, read_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, count_targets, dataset_dir, load_meta, open_mask,
                      open_split, sample_windows)
+from fit import FitError, auto_micro_batch, halved, in_halves, regroup
 from generate import generate_text
 from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
+from recovery import ON_DIVERGENCE, DivergenceWatch, first_weights, go_back_to_first, recovery_seed
 from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
 from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
@@ -54,7 +56,7 @@ sample_interval = 0  # print a short sample at the evaluations of every this man
 sample_start = '\n'  # the prompt of those samples
 progress = None  # a progress bar (loss, tokens/s, time left) instead of a line per iteration: None = when the output is a terminal
 plot = True  # redraw out_dir/loss.png (from out_dir/metrics.jsonl) at evaluations, at most every 30 s, and at the end
-init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder or a checkpoint folder
+init_from = 'scratch'  # 'scratch', 'resume' (from the checkpoint in out_dir), or fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder or a checkpoint folder; 'auto': resume if out_dir holds a checkpoint, else start as the config file (or the default) says
 target_val_loss = 0.0  # stop once an evaluation's val loss is <= this (a speedrun's finish line); 0 runs all max_iters
 patience = 0  # early stopping: stop after this many evaluations in a row without a new best val loss (0: never)
 max_overfit_gap = 0.0  # early stopping: stop once val loss exceeds train loss by more than this (0: never)
@@ -65,7 +67,7 @@ wandb_run_name = 'gpt2'
 # data
 dataset = 'openwebtext'  # a folder under data/, or a path to a prepared dataset folder
 gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step (in total over all processes)
-batch_size = 12  # micro-batch size; with accumulation, the batch is batch_size * gradient_accumulation_steps
+batch_size = 12  # micro-batch size; with accumulation, the batch is batch_size * gradient_accumulation_steps. 'auto': the largest that fits the device, the batch as asked (fit.py)
 block_size = 1024  # context length in tokens
 # model
 n_layer = 12
@@ -106,12 +108,19 @@ parallel = 'ddp'  # under torchrun: 'ddp' (a whole copy of the model per process
 activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory (long contexts, large batches), about a third more compute
 seed = 1337
 threads = 0  # CPU threads for torch, 0 leaves torch's default
+memory_limit = 0.0  # GiB of memory per process batch_size='auto' may fill (0: what the device has free)
+# divergence: a non-finite loss or gradient norm, or (with 'recover') a loss spike (recovery.py)
+on_divergence = 'stop'  # 'stop' (the last good checkpoint stays), or 'recover': back to it, on other batches, at a lower learning rate
+spike_factor = 4.0  # with 'recover': a step's loss above this multiple of the median of the last spike_window steps' is a spike (0: never)
+spike_window = 50
+max_recoveries = 3  # with 'recover': the divergence after this many recoveries stops the run
+recovery_lr_scale = 0.5  # each recovery multiplies the learning rate by this
 # every other GPTConfig field is a setting too, with the model's default (the vocabulary comes from the data)
 for _field in dataclasses.fields(GPTConfig):
     if _field.name not in ('vocab_size', 'real_vocab_size'):
         globals().setdefault(_field.name, _field.default)
 # -----------------------------------------------------------------------------
-config = configure(globals())
+config = configure(globals(), auto=('batch_size', 'init_from'))
 processes = Processes()  # this process's place among torchrun's, or a single process
 ddp = processes.distributed  # under torchrun (DDP or FSDP)
 master_process, ddp_rank, ddp_world_size = processes.master, processes.rank, processes.world_size
@@ -135,6 +144,9 @@ def fail_together(error):
 
 if ddp:
     fail_together(processes.check_shared_folder(out_dir))
+if init_from == 'auto':  # a requeued job goes on where it stopped; a first one starts as configured
+    init_from = config['init_from'] = 'resume' if processes.any(os.path.exists(os.path.join(out_dir, CHECKPOINT_NAME))) \
+        else config.before_auto.get('init_from', 'scratch')
 resumed = None  # the checkpoint.json of the run being resumed
 if init_from == 'resume':
     # a resumed run goes on as the saved run was set up: only what this command line (or a config file given now)
@@ -144,7 +156,8 @@ if init_from == 'resume':
         fail(f'{out_dir} holds Hugging Face weights, not a checkpoint to resume: fine-tune them with --init_from={out_dir}')
     try:
         resumed = read_checkpoint(out_dir)
-        inherit(config, resumed['config'], keep=('init_from', 'out_dir', 'eval_only', 'device', 'backend', 'dist_timeout'))
+        inherit(config, resumed['config'], keep=('init_from', 'out_dir', 'eval_only', 'device', 'backend', 'dist_timeout',
+                                                 'memory_limit'))
     except CheckpointError as e:
         fail(e)
     except ConfigError as e:
@@ -156,14 +169,17 @@ if init_from == 'resume':
 def check_settings():
     """One line and exit code 2 for settings that would crash later or train nonsense (the model's own are
     checked by GPTConfig)."""
-    for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
-        if config[key] < 1:
+    for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
+                'spike_window'):
+        if config[key] != 'auto' and config[key] < 1:
             fail(f'{key}={config[key]} must be at least 1')
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay',
                 'grad_clip', 'target_val_loss', 'threads', 'save_interval', 'sample_interval', 'patience',
-                'max_overfit_gap'):
+                'max_overfit_gap', 'memory_limit', 'spike_factor', 'max_recoveries'):
         if config[key] < 0:
             fail(f'{key}={config[key]} must not be negative')
+    if not 0 < config['recovery_lr_scale'] <= 1:
+        fail(f"recovery_lr_scale={config['recovery_lr_scale']} must be in (0, 1]")
     if not config['dist_timeout'] > 0:
         fail(f"dist_timeout={config['dist_timeout']} must be a positive number of seconds")
     for key in ('beta1', 'beta2', 'muon_momentum'):
@@ -172,7 +188,7 @@ def check_settings():
     try:  # choices in any case ('ReLU' is 'relu'), and the model's settings, before anything is built or written
         for key, allowed in (('activation', ACTIVATIONS), ('position', POSITIONS), ('norm', NORMS),
                              ('optimizer', ('adamw', 'muon')), ('dtype', ('auto', 'float32', 'bfloat16', 'float16')),
-                             ('parallel', PARALLEL)):
+                             ('parallel', PARALLEL), ('on_divergence', ON_DIVERGENCE)):
             choose(config, key, allowed)
         GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config})
     except (ConfigError, ValueError) as e:
@@ -205,9 +221,6 @@ if ddp:
 elif parallel == 'fsdp':
     print('note: parallel=fsdp shards the model over the processes torchrun starts; one process trains it whole')
 fsdp = ddp and parallel == 'fsdp'  # else DDP, under torchrun
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-if master_process:
-    print(f'tokens per iteration will be: {tokens_per_iter:,}')
 torch.manual_seed(seed + ddp_rank)  # each process its own dropout; nothing else draws from torch's global generators
 if threads:
     torch.set_num_threads(threads)
@@ -372,6 +385,20 @@ if resumed is not None:
     if resumed['training_state'].get('scaler'):
         scaler.load_state_dict(resumed['training_state']['scaler'])
 
+if batch_size == 'auto':  # the largest micro-batch that fits, for the batch the settings ask (fit.py)
+    memory.enter('fitting')
+    asked = resumed['config']['batch_size'] if resumed else config.before_auto.get('batch_size', 12)
+    try:
+        batch_size, gradient_accumulation_steps, fit_line = auto_micro_batch(
+            raw_model, optim, ctx, device, block_size, gradient_accumulation_steps * asked, memory_limit, processes, fsdp)
+    except FitError as e:
+        fail(e) if master_process else sys.exit(2)
+    config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps * ddp_world_size)
+    if master_process:
+        print(fit_line)
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    print(f'tokens per iteration will be: {tokens_per_iter:,}')
 if compile and master_process:
     print('compiling the model... (takes a ~minute)')
 if compile and not fsdp:
@@ -389,6 +416,10 @@ def estimate_loss():
     gives every process exactly the figures one process would have computed."""
     out = {}
     model.eval()
+
+    def score(windows):
+        with ctx:
+            return model(*batch_to_device(windows, device))[1].float()
     rounds = math.ceil(eval_iters / ddp_world_size)
     for split in ('train', 'val'):
         rng = np.random.default_rng([seed, 0, 1 if split == 'val' else 0])
@@ -398,9 +429,7 @@ def estimate_loss():
             # under FSDP every forward is a collective (each process lends its shards), so all processes run
             # as many: a batch past eval_iters is scored and dropped
             if k % ddp_world_size == ddp_rank and (k < eval_iters or fsdp):
-                with ctx:
-                    _, loss = model(*batch_to_device(windows, device))
-                losses[k] = loss.float()
+                losses[k] = score(windows) if ddp else in_halves(score, windows)  # halved when out of memory
         if ddp:
             torch.distributed.all_reduce(losses)
         out[split] = losses.cpu()[:eval_iters].mean().item()
@@ -443,6 +472,11 @@ stop_signal, stop_time = None, 0.0
 last_saved_iter = iter_num if init_from == 'resume' else None
 best_saved_iter = None
 evals_since_best = resumed['training_state'].get('evals_since_best', 0) if resumed else 0  # for patience
+saved_state = resumed['training_state'] if resumed else {}
+recoveries, lr_scale = saved_state.get('recoveries', 0), saved_state.get('lr_scale', 1.0)  # on_divergence='recover'
+watch = DivergenceWatch(spike_factor if on_divergence == 'recover' else 0, spike_window)
+# with 'recover', a divergence before the first checkpoint goes back to the first weights (this process's shards)
+initial_state = first_weights(raw_model) if on_divergence == 'recover' and not resumed else None
 
 
 # logging
@@ -492,7 +526,8 @@ def save(best=False, state=None):
     say(f"saving checkpoint to {out_dir} (iteration {iter_num}{', the best so far' if best else ''})")
     try:
         save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config, meta['tokenizer'],
-                        dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best), rank_states, best,
+                        dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best, recoveries=recoveries,
+                             lr_scale=lr_scale), rank_states, best,
                         fetch=gatherer(master_process), write=master_process)
     except CheckpointError as e:
         fail(e)
@@ -538,8 +573,37 @@ def redraw_plot():
 
 def diverged(what):
     kept = f'the checkpoint of iteration {last_saved_iter} in {out_dir} is kept' if last_saved_iter else 'nothing was saved'
-    fail(f'training diverged at iteration {iter_num}: {what} is not finite; {kept}. Try a lower --learning_rate '
-         f'(or --muon_lr), --grad_clip=1.0, or --dtype=float32')
+    tried = f' (after {recoveries} recoveries)' if recoveries else ''
+    fail(f'training diverged at iteration {iter_num}: {what}{tried}; {kept}. Try a lower --learning_rate '
+         f'(or --muon_lr), --grad_clip=1.0, --dtype=float32 or --on_divergence=recover')
+
+
+def recover(why):
+    """on_divergence='recover': back to the last good state (recovery.go_back), other batches and dropout from there
+    on, a lower learning rate; the steps undone leave the metrics."""
+    global iter_num, best_val_loss, data_rng, recoveries, lr_scale, t0
+    failed, recoveries, lr_scale = iter_num, recoveries + 1, lr_scale * recovery_lr_scale
+    if last_saved_iter is not None:
+        try:
+            ckpt = restore(out_dir, raw_model, optim, scaler)
+        except CheckpointError as e:
+            fail(e)
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    else:
+        go_back_to_first(raw_model, optim, initial_state)
+        iter_num = 0
+    data_rng = np.random.default_rng(recovery_seed(seed, ddp_rank, iter_num, recoveries))
+    torch.manual_seed(int(np.random.SeedSequence(recovery_seed(seed, ddp_rank, iter_num, recoveries)).generate_state(1)[0]))
+    watch.forget()
+    if bar is not None:
+        bar.n = iter_num
+    what = (f'{why} at iteration {failed}: back to iteration {iter_num}, on other batches, learning rate x{lr_scale:g} '
+            f'(recovery {recoveries} of {max_recoveries})')
+    say(f'divergence: {what}')
+    if metrics:
+        metrics.rewind(iter_num)
+        metrics.log('event', iter_num, time.time() - run_start, what='divergence', detail=what)
+    t0 = time.time()
 
 
 def stop_run(state=None):
@@ -557,13 +621,59 @@ def stop_run(state=None):
     os._exit(128 + (stop_signal or signal.SIGINT))
 
 
+def accumulate(windows, start_state):
+    """The forward and backward passes of one step's micro-batches (windows), with the GradScaler if training in
+    float16; returns this process's share of the step's mean loss. start_state: for a stop in the middle."""
+    step_tokens = processes.sum(sum(map(count_targets, windows))) if chat else tokens_per_iter
+    X, Y = batch_to_device(windows[0], device)
+    step_loss = 0.0
+    for micro_step in range(len(windows)):
+        # under DDP, gradients are averaged across processes on the last micro step only; FSDP reduce-scatters
+        # every micro step's, so that no process ever holds whole gradients (the memory FSDP is for)
+        sync = not ddp or fsdp or micro_step == len(windows) - 1
+        with nullcontext() if sync else model.no_sync():
+            with ctx:
+                _, loss = model(X, Y)
+                # the mean over this micro-batch's targets, weighted by their share of the step's (the processes'
+                # gradients are averaged, hence ddp_world_size): 1 / gradient_accumulation_steps unless a chat's
+                loss = loss / (step_tokens / (count_targets(windows[micro_step]) * ddp_world_size))
+            if micro_step + 1 < len(windows):  # the next batch's copy is queued while the GPU works
+                X, Y = batch_to_device(windows[micro_step + 1], device)
+            scaler.scale(loss).backward()
+        step_loss += loss.detach()
+        # a stop asked for is taken at once, agreed by every process: the step is dropped and the checkpoint is
+        # of the last whole one, so a slow step does not outlast the grace period before SIGKILL
+        if micro_step + 1 < len(windows) and processes.any(stop_signal is not None):
+            optim.zero_grad(set_to_none=True)
+            stop_run(start_state)
+    return step_loss
+
+
+def out_of_memory(windows, start_state):
+    """The step ran out of memory: it is redone from its start (its windows, dropout as first drawn) in micro-batches
+    half as large, and so is every later step (fit.halved); returns its windows regrouped."""
+    global batch_size, gradient_accumulation_steps
+    optim.zero_grad(set_to_none=True)
+    try:  # one process of several cannot redo a step alone: the others would wait for it
+        batch_size, gradient_accumulation_steps, what = halved(batch_size, gradient_accumulation_steps, alone=not ddp)
+    except FitError as e:
+        kept = f'the checkpoint of iteration {last_saved_iter} is kept' if last_saved_iter else 'nothing was saved'
+        fail(f'out of memory at iteration {iter_num} {e} ({kept})')
+    set_rng_state(start_state)
+    say(f'out of memory at iteration {iter_num}: the step is {what}')
+    if metrics:
+        metrics.log('event', iter_num, time.time() - run_start, what='out_of_memory', detail=f'the step is {what}')
+    config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps * ddp_world_size)
+    return regroup(windows, batch_size)
+
+
 t0 = time.time()
 while True:
 
     # determine and set the learning rate for this iteration
     lr_factor = lr_schedule(iter_num)
     for param_group in optim.param_groups:
-        param_group['lr'] = param_group['initial_lr'] * lr_factor
+        param_group['lr'] = param_group['initial_lr'] * lr_factor * lr_scale
 
     # evaluate the loss on train/val sets and write checkpoints (not again right after a resume, unless asked)
     evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
@@ -574,9 +684,9 @@ while True:
         bpb = f", val bits/byte {bits_per_byte(losses['val'], val_bytes_per_token):.4f}{lossy_note}" if val_bytes_per_token else ''
         say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
-            diverged('the evaluated loss')
+            diverged('the evaluated loss is not finite')
         if wandb_log and master_process:
-            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * learning_rate, 'mfu': running_mfu * 100})
+            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * lr_scale * learning_rate, 'mfu': running_mfu * 100})
         if metrics:
             val_bpb = bits_per_byte(losses['val'], val_bytes_per_token) if val_bytes_per_token else None
             metrics.log('eval', iter_num, time.time() - run_start, train_loss=losses['train'], val_loss=losses['val'],
@@ -615,31 +725,12 @@ while True:
     # of the step, in all processes, and a chat dataset's windows hold different numbers of them (its replies')
     start_state = random_state()  # a stop before the step ends saves this: a resume draws these windows again
     windows = [draw_windows('train', data_rng) for _ in range(gradient_accumulation_steps)]
-    step_tokens = processes.sum(sum(map(count_targets, windows))) if chat else tokens_per_iter
-    X, Y = batch_to_device(windows[0], device)
-    step_loss = 0.0  # this process's share of the step's mean loss
-
-    # forward backward update, with optional gradient accumulation to simulate larger batch size
-    # and using the GradScaler if data type is float16
-    for micro_step in range(gradient_accumulation_steps):
-        # under DDP, gradients are averaged across processes on the last micro step only; FSDP reduce-scatters
-        # every micro step's, so that no process ever holds whole gradients (the memory FSDP is for)
-        sync = not ddp or fsdp or micro_step == gradient_accumulation_steps - 1
-        with nullcontext() if sync else model.no_sync():
-            with ctx:
-                _, loss = model(X, Y)
-                # the mean over this micro-batch's targets, weighted by their share of the step's (the processes'
-                # gradients are averaged, hence ddp_world_size): 1 / gradient_accumulation_steps unless a chat's
-                loss = loss / (step_tokens / (count_targets(windows[micro_step]) * ddp_world_size))
-            if micro_step + 1 < gradient_accumulation_steps:  # the next batch's copy is queued while the GPU works
-                X, Y = batch_to_device(windows[micro_step + 1], device)
-            scaler.scale(loss).backward()
-        step_loss += loss.detach()
-        # a stop asked for is taken at once, agreed by every process: the step is dropped and the checkpoint is
-        # of the last whole one, so a slow step does not outlast the grace period before SIGKILL
-        if micro_step + 1 < gradient_accumulation_steps and processes.any(stop_signal is not None):
-            optim.zero_grad(set_to_none=True)
-            stop_run(start_state)
+    while True:
+        try:
+            step_loss = accumulate(windows, start_state)
+            break
+        except torch.OutOfMemoryError:
+            windows = out_of_memory(windows, start_state)
     # clip the gradient (or only measure its norm, with grad_clip 0), unscaled first if training in fp16
     scaler.unscale_(optim)
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf')))
@@ -679,12 +770,16 @@ while True:
         else:
             print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
         if metrics:
-            metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * learning_rate,
+            metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * lr_scale * learning_rate,
                         grad_norm=grad_norm.item(), tokens_per_sec=round(tokens_per_sec),
                         mfu=running_mfu if running_mfu > 0 else None)
 
-    if unhealthy:
-        diverged('the loss' if not torch.isfinite(step_loss) else 'the gradient norm')
+    trouble = watch.check(loss_sum / ddp_world_size, finite=not unhealthy)
+    if trouble and (on_divergence == 'stop' or recoveries >= max_recoveries):
+        diverged(trouble)
+    if trouble:
+        recover(trouble)
+        continue
     if save_interval and iter_num % save_interval == 0 and iter_num % eval_interval and iter_num != max_iters and not stop:
         save()  # an autosave between evaluations (an evaluation saves at its own iteration)
         t0 = time.time()
@@ -702,14 +797,7 @@ memory.enter(None)
 if ddp or device_type == 'cuda':  # every process's, by phase: what DDP and FSDP differ in (bench_memory.py)
     phases = processes.gather(memory.peaks)
     if master_process and all(phases):
-        what = 'allocated by PyTorch' if device_type == 'cuda' else 'resident, the whole process'
-        peaks = [max(p.values()) for p in phases]
-        by_phase = '; '.join(f"{name} {', '.join(f'{p[name]:,.0f}' for p in phases)}" for name in phases[0])
-        if ddp:
-            print(f"peak memory per process: {', '.join(f'{p:,.0f}' for p in peaks)} MiB ({what})")
-        else:
-            print(f'peak memory {peaks[0]:,.0f} MiB')
-        print(f'peak memory by phase, MiB per process: {by_phase}')
+        print(MemoryPhases.summary(phases, device))
 if wandb_log and master_process:
     wandb.finish()
 if ddp:

@@ -6,6 +6,10 @@ Each watched call prints `spy <rank>: <call>(<argument>)` to stderr.
     torch.distributed.init_process_group, new_group                            their timeout, in seconds
     runtime.batch_to_device                                                    each batch moved to the device
     SPY_SAVE_DELAY=S   the master's checkpoint saves take S seconds longer (a slow filesystem)
+    SPY_FAULTS=K:what,...   the K-th training forward pass (counted from 1, eval passes not counted) goes wrong, once:
+                       oom (raises torch.OutOfMemoryError, as a GPU does), nan (its loss is NaN), spike (its loss x 50)
+    SPY_OOM_ABOVE=N    every forward pass of more than N rows runs out of memory (a device that small); N0,N1,...: one
+                       figure per process
 """
 import functools
 import os
@@ -65,6 +69,34 @@ if delay:
             time.sleep(delay)
         return save(*args, write=write, **kwargs)
     checkpoint.save_checkpoint = slow_save
+
+faults = {int(k): what for k, what in (item.split(':') for item in os.environ.get('SPY_FAULTS', '').split(',') if item)}
+oom_above = int((os.environ.get('SPY_OOM_ABOVE') or '0').split(',')[int(RANK)])  # one figure, or one per process
+if faults or oom_above:
+    import model  # noqa: E402
+    forward = model.GPT.forward
+    passes = 0
+
+    @functools.wraps(forward)
+    def faulty_forward(self, idx, targets=None, *args, **kwargs):
+        global passes
+        if oom_above and idx.shape[0] > oom_above:
+            raise torch.OutOfMemoryError(f'spy: {idx.shape[0]} rows do not fit')
+        if not self.training or targets is None:
+            return forward(self, idx, targets, *args, **kwargs)
+        passes += 1
+        fault = faults.pop(passes, None)
+        if fault:
+            say(f'{fault}({passes})')
+        if fault == 'oom':
+            raise torch.OutOfMemoryError('spy: out of memory')
+        logits, loss = forward(self, idx, targets, *args, **kwargs)
+        if fault == 'nan':
+            loss = loss * float('nan')
+        elif fault == 'spike':
+            loss = loss * 50
+        return logits, loss
+    model.GPT.forward = faulty_forward
 
 script = str(ROOT / sys.argv[1])
 sys.argv = [script, *sys.argv[2:]]

@@ -269,15 +269,16 @@ def copy_front_door(tmp_path):
     return repo
 
 
+# train.py --init_from=auto resumes where a checkpoint is (tests/test_fit.py), so a second run goes on, or ends at once
 @pytest.mark.parametrize('cuda, prepared, checkpoint, expect', [
-    (False, [], None, ('prepare', 'config/shakespeare_char_cpu.py', 'out-shakespeare-char-cpu', 'scratch')),
+    (False, [], None, ('prepare', 'config/shakespeare_char_cpu.py', 'out-shakespeare-char-cpu')),
     (False, ['train.bin', 'val.bin', 'meta.json'], 'out-shakespeare-char-cpu',
-     (None, 'config/shakespeare_char_cpu.py', 'out-shakespeare-char-cpu', 'resume')),
+     (None, 'config/shakespeare_char_cpu.py', 'out-shakespeare-char-cpu')),
     # meta.json is missing (an interrupted prepare): prepare again; the CPU run's checkpoint is not the GPU's
     (True, ['train.bin', 'val.bin'], 'out-shakespeare-char-cpu',
-     ('prepare', 'config/shakespeare_char.py', 'out-shakespeare-char', 'scratch')),
+     ('prepare', 'config/shakespeare_char.py', 'out-shakespeare-char')),
     (True, ['train.bin', 'val.bin', 'meta.json'], 'out-shakespeare-char',
-     (None, 'config/shakespeare_char.py', 'out-shakespeare-char', 'resume')),
+     (None, 'config/shakespeare_char.py', 'out-shakespeare-char')),
 ], ids=['cpu fresh', 'cpu second run', 'gpu half prepared', 'gpu second run'])
 def test_quickstart_prepares_trains_or_resumes_and_samples(tmp_path, cuda, prepared, checkpoint, expect):
     repo = copy_front_door(tmp_path)
@@ -291,9 +292,9 @@ def test_quickstart_prepares_trains_or_resumes_and_samples(tmp_path, cuda, prepa
     m = Machine(tmp_path, torch='2.13.0+cpu', cuda=cuda)
     ok(m.run('quickstart.sh', root=repo))
     scripts = [c for c in m.calls() if c and c[0].endswith('.py')]
-    prepare, config, out_dir, init = expect
+    prepare, config, out_dir = expect
     assert scripts == ([['data/shakespeare_char/prepare.py']] if prepare else []) + [
-        ['train.py', config, f'--out_dir={out_dir}', f'--init_from={init}'],
+        ['train.py', config, f'--out_dir={out_dir}', '--init_from=auto'],
         ['sample.py', f'--out_dir={out_dir}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=300']]
     assert m.installs() == [['--quiet', '-r', str(repo / 'requirements.txt')]]  # install.sh ran first
 
