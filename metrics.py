@@ -4,6 +4,9 @@ and per evaluation, and out_dir/loss.png, its plot.
 
     {"kind": "step", "iter": 120, "time": 14.2, "train_loss": 1.91, "lr": 0.0009, "tokens_per_sec": 51200, "mfu": null}
     {"kind": "eval", "iter": 120, "time": 14.9, "train_loss": 1.84, "val_loss": 1.86, "val_bits_per_byte": 2.69}
+    {"kind": "event", "iter": 80, "time": 9.1, "what": "divergence", "detail": "the loss is not finite at ..."}
+
+(an event: a recovery from divergence or from running out of memory, drawn as a dotted line on the plot)
 
 time is the wall time of the run in seconds, continued across resumes. A resumed run appends to the file after
 dropping what the interrupted run logged past the checkpoint it resumes from, so the curve goes on as if the run
@@ -76,8 +79,12 @@ def plot_runs(out_dirs, path, labels=None):
         color = f'C{i % 10}'
         steps = [r for r in records if r['kind'] == 'step' and _numbers(r, 'time', 'train_loss')]
         evals = [r for r in records if r['kind'] == 'eval' and _numbers(r, 'time', 'val_loss')]
+        events = [r for r in records if r['kind'] == 'event' and _numbers(r, 'time')]
         plotted += bool(steps or evals)
         for ax, x in zip(axes, ('iter', 'time')):
+            for n, event in enumerate(events):  # a recovery from divergence, an out of memory: where it happened
+                ax.axvline(event[x], color=color, linestyle=':', linewidth=1,
+                           label=f"{label} {event.get('what', 'event')}".replace('_', ' ') if n == 0 and x == 'iter' else None)
             if steps:
                 ax.plot([r[x] for r in steps], [r['train_loss'] for r in steps], color=color, alpha=0.3, linewidth=1,
                         label=f'{label} train (logged steps)')

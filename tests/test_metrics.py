@@ -66,6 +66,26 @@ def test_the_plot_follows_the_curve_and_plot_py_compares_runs(tmp_path):
     assert len(read_metrics(a)) == 22 and plot_runs([a], str(tmp_path / 'junk.png')) == 1  # the last one: no time to plot at
 
 
+def test_a_rewind_drops_the_steps_undone_and_an_event_is_drawn(tmp_path):
+    """A recovery from divergence rewinds the log to where it went back to and logs an event there, which the plot
+    marks: the same curve with and without the event are two pictures."""
+    plain, marked = tmp_path / 'plain', tmp_path / 'marked'
+    for folder in (plain, marked):
+        folder.mkdir()
+        log = MetricsLog(folder)
+        for i in range(1, 10):
+            log.log('step', i, i * 0.1, train_loss=3 - 0.1 * i)
+        log.rewind(5)
+        if folder == marked:
+            log.log('event', 5, 1.0, what='divergence', detail='the loss is not finite at iteration 9: back to 5')
+        log.log('step', 6, 1.1, train_loss=2.5)
+    assert [(r['kind'], r['iter']) for r in read_metrics(marked)] == [('step', i) for i in range(1, 6)] + [
+        ('event', 5), ('step', 6)]
+    plot_runs([plain], str(tmp_path / 'plain.png'))
+    plot_runs([marked], str(tmp_path / 'marked.png'))
+    assert (tmp_path / 'plain.png').read_bytes() != (tmp_path / 'marked.png').read_bytes()
+
+
 def test_autosave_between_evaluations(char_dataset, tmp_path):
     """save_interval saves on its own schedule: with learning_rate 0 the last evaluation finds no better val loss and,
     with always_save_checkpoint off, saves nothing, so the checkpoint left is the autosave's."""
