@@ -1,18 +1,19 @@
 """
 When a run diverges: a non-finite loss or gradient norm, or a loss spike (a step's loss above spike_factor times
 the median of the last spike_window steps'). With on_divergence='stop' (the default) the run stops and its last
-good checkpoint stays; with 'recover' train.py goes back to that checkpoint (or to the initial weights, before the
-first), draws other batches from there on, scales the learning rate down, and goes on, at most max_recoveries times.
+good checkpoint stays; with 'recover' it goes back to that checkpoint (or to its first weights, before the first),
+draws other batches and dropout from there, scales the learning rate down, and goes on, at most max_recoveries
+times. train.py:
 
-    watch = DivergenceWatch(spike_factor, spike_window)
-    why = watch.check(loss, finite)        # None, or what went wrong, after each step
-    first = first_weights(model)           # before training: where a recovery before any checkpoint goes back to
-    go_back_to_first(model, optimizer, first)   # after one, checkpoint.restore puts the run back in its state
+    recovery = Recovery(on_divergence, spike_factor, spike_window, max_recoveries, recovery_lr_scale, model, saved)
+    why = recovery.check(loss, finite)     # after each step: None, or what went wrong
+    if why and recovery.can_go_back(): iter_num, what = recovery.go_back(why, iter_num, model, optimizer, restore)
 """
 import math
 import statistics
 from collections import deque
 
+import numpy as np
 import torch
 
 ON_DIVERGENCE = ('stop', 'recover')
@@ -37,27 +38,54 @@ class DivergenceWatch:
         self.recent.append(loss)
         return None
 
-    def forget(self):
-        """After going back: the steps undone are not the recent past of the run any more."""
-        self.recent.clear()
+
+class Recovery:
+    """What on_divergence needs across a run: the watch, the recoveries made and the learning rate's scale (saved
+    in checkpoints: a resumed run goes on at its lower rate), and the first weights to go back to before any
+    checkpoint (this process's, its shards under FSDP, in host memory)."""
+
+    def __init__(self, mode, spike_factor, spike_window, max_recoveries, lr_scale_factor, model, saved=None):
+        self.mode, self.max_recoveries, self.lr_scale_factor = mode, max_recoveries, lr_scale_factor
+        self.watch = DivergenceWatch(spike_factor if mode == 'recover' else 0, spike_window)
+        self.recoveries = (saved or {}).get('recoveries', 0)
+        self.lr_scale = (saved or {}).get('lr_scale', 1.0)
+        self.first = None
+        if mode == 'recover' and saved is None:
+            self.first = {name: _local(p).detach().to('cpu', copy=True) for name, p in model.named_parameters()}
+
+    def state(self):
+        return dict(recoveries=self.recoveries, lr_scale=self.lr_scale)
+
+    def check(self, loss, finite=True):
+        return self.watch.check(loss, finite)
+
+    def can_go_back(self):
+        return self.mode == 'recover' and self.recoveries < self.max_recoveries
+
+    @torch.no_grad()
+    def go_back(self, why, iter_num, model, optimizer, restore=None):
+        """Back to the last good state: restore() (the last checkpoint's, returning its checkpoint.json) or, where
+        None, the first weights and a fresh optimizer. Returns the iteration gone back to, its best val loss (None:
+        unchanged), and a line for the log."""
+        self.recoveries += 1
+        self.lr_scale *= self.lr_scale_factor
+        self.watch.recent.clear()  # the steps undone are not the recent past of the run any more
+        if restore is not None:
+            ckpt = restore()
+            back, best = ckpt['iter_num'], ckpt['best_val_loss']
+        else:
+            for name, p in model.named_parameters():
+                _local(p).copy_(self.first[name])
+            optimizer.state.clear()
+            back, best = 0, None
+        return back, best, (f'{why} at iteration {iter_num}: back to iteration {back}, on other batches, learning rate '
+                            f'x{self.lr_scale:g} (recovery {self.recoveries} of {self.max_recoveries})')
+
+    def seed(self, seed, rank, iter_num):
+        """The seed of the batches and dropout after a recovery: others than those that led to the divergence, the
+        same every time the run is repeated."""
+        return int(np.random.SeedSequence([seed, rank, iter_num, 1000 + self.recoveries]).generate_state(1)[0])
 
 
-def recovery_seed(seed, rank, iter_num, recoveries):
-    """The seed of the batches and dropout after a recovery: others than those that led to the divergence, the
-    same every time the run is repeated."""
-    return [seed, rank, iter_num, 1000 + recoveries]
-
-
-def first_weights(model):
-    """This process's weights (its shards, under FSDP), copied to host memory: where a recovery goes back to
-    before the run has saved a checkpoint."""
-    return {name: (p.to_local() if hasattr(p, 'to_local') else p).detach().to('cpu', copy=True)
-            for name, p in model.named_parameters()}
-
-
-@torch.no_grad()
-def go_back_to_first(model, optimizer, first):
-    """Put model back to its first weights (first_weights') and the optimizer to its first, empty, state."""
-    for name, p in model.named_parameters():
-        (p.to_local() if hasattr(p, 'to_local') else p).copy_(first[name])
-    optimizer.state.clear()
+def _local(p):
+    return p.to_local() if hasattr(p, 'to_local') else p  # an FSDP shard

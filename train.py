@@ -37,7 +37,7 @@ from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
-from recovery import ON_DIVERGENCE, DivergenceWatch, first_weights, go_back_to_first, recovery_seed
+from recovery import ON_DIVERGENCE, Recovery
 from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
 from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
@@ -472,11 +472,8 @@ stop_signal, stop_time = None, 0.0
 last_saved_iter = iter_num if init_from == 'resume' else None
 best_saved_iter = None
 evals_since_best = resumed['training_state'].get('evals_since_best', 0) if resumed else 0  # for patience
-saved_state = resumed['training_state'] if resumed else {}
-recoveries, lr_scale = saved_state.get('recoveries', 0), saved_state.get('lr_scale', 1.0)  # on_divergence='recover'
-watch = DivergenceWatch(spike_factor if on_divergence == 'recover' else 0, spike_window)
-# with 'recover', a divergence before the first checkpoint goes back to the first weights (this process's shards)
-initial_state = first_weights(raw_model) if on_divergence == 'recover' and not resumed else None
+recovery = Recovery(on_divergence, spike_factor, spike_window, max_recoveries, recovery_lr_scale, raw_model,
+                    resumed['training_state'] if resumed else None)
 
 
 # logging
@@ -526,8 +523,8 @@ def save(best=False, state=None):
     say(f"saving checkpoint to {out_dir} (iteration {iter_num}{', the best so far' if best else ''})")
     try:
         save_checkpoint(out_dir, raw_model, optim, iter_num, best_val_loss, model_args, config, meta['tokenizer'],
-                        dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best, recoveries=recoveries,
-                             lr_scale=lr_scale), rank_states, best,
+                        dict(scaler=scaler.state_dict(), evals_since_best=evals_since_best, **recovery.state()),
+                        rank_states, best,
                         fetch=gatherer(master_process), write=master_process)
     except CheckpointError as e:
         fail(e)
@@ -573,32 +570,25 @@ def redraw_plot():
 
 def diverged(what):
     kept = f'the checkpoint of iteration {last_saved_iter} in {out_dir} is kept' if last_saved_iter else 'nothing was saved'
-    tried = f' (after {recoveries} recoveries)' if recoveries else ''
+    tried = f' (after {recovery.recoveries} recoveries)' if recovery.recoveries else ''
     fail(f'training diverged at iteration {iter_num}: {what}{tried}; {kept}. Try a lower --learning_rate '
          f'(or --muon_lr), --grad_clip=1.0, --dtype=float32 or --on_divergence=recover')
 
 
 def recover(why):
-    """on_divergence='recover': back to the last good state (recovery.go_back), other batches and dropout from there
-    on, a lower learning rate; the steps undone leave the metrics."""
-    global iter_num, best_val_loss, data_rng, recoveries, lr_scale, t0
-    failed, recoveries, lr_scale = iter_num, recoveries + 1, lr_scale * recovery_lr_scale
-    if last_saved_iter is not None:
-        try:
-            ckpt = restore(out_dir, raw_model, optim, scaler)
-        except CheckpointError as e:
-            fail(e)
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-    else:
-        go_back_to_first(raw_model, optim, initial_state)
-        iter_num = 0
-    data_rng = np.random.default_rng(recovery_seed(seed, ddp_rank, iter_num, recoveries))
-    torch.manual_seed(int(np.random.SeedSequence(recovery_seed(seed, ddp_rank, iter_num, recoveries)).generate_state(1)[0]))
-    watch.forget()
+    """on_divergence='recover': back to the last good state, other batches and dropout from there on, a lower
+    learning rate (recovery.py); the steps undone leave the metrics."""
+    global iter_num, best_val_loss, data_rng, t0
+    try:
+        restore_last = (lambda: restore(out_dir, raw_model, optim, scaler)) if last_saved_iter is not None else None
+        iter_num, best, what = recovery.go_back(why, iter_num, raw_model, optim, restore_last)
+    except CheckpointError as e:
+        fail(e)
+    best_val_loss = best_val_loss if best is None else best
+    data_rng = np.random.default_rng(recovery.seed(seed, ddp_rank, iter_num))
+    torch.manual_seed(recovery.seed(seed, ddp_rank, iter_num))
     if bar is not None:
         bar.n = iter_num
-    what = (f'{why} at iteration {failed}: back to iteration {iter_num}, on other batches, learning rate x{lr_scale:g} '
-            f'(recovery {recoveries} of {max_recoveries})')
     say(f'divergence: {what}')
     if metrics:
         metrics.rewind(iter_num)
@@ -673,7 +663,7 @@ while True:
     # determine and set the learning rate for this iteration
     lr_factor = lr_schedule(iter_num)
     for param_group in optim.param_groups:
-        param_group['lr'] = param_group['initial_lr'] * lr_factor * lr_scale
+        param_group['lr'] = param_group['initial_lr'] * lr_factor * recovery.lr_scale
 
     # evaluate the loss on train/val sets and write checkpoints (not again right after a resume, unless asked)
     evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
@@ -686,7 +676,7 @@ while True:
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged('the evaluated loss is not finite')
         if wandb_log and master_process:
-            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * lr_scale * learning_rate, 'mfu': running_mfu * 100})
+            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * recovery.lr_scale * learning_rate, 'mfu': running_mfu * 100})
         if metrics:
             val_bpb = bits_per_byte(losses['val'], val_bytes_per_token) if val_bytes_per_token else None
             metrics.log('eval', iter_num, time.time() - run_start, train_loss=losses['train'], val_loss=losses['val'],
@@ -770,12 +760,12 @@ while True:
         else:
             print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
         if metrics:
-            metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * lr_scale * learning_rate,
+            metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * recovery.lr_scale * learning_rate,
                         grad_norm=grad_norm.item(), tokens_per_sec=round(tokens_per_sec),
                         mfu=running_mfu if running_mfu > 0 else None)
 
-    trouble = watch.check(loss_sum / ddp_world_size, finite=not unhealthy)
-    if trouble and (on_divergence == 'stop' or recoveries >= max_recoveries):
+    trouble = recovery.check(loss_sum / ddp_world_size, finite=not unhealthy)
+    if trouble and not recovery.can_go_back():
         diverged(trouble)
     if trouble:
         recover(trouble)
