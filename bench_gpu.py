@@ -11,6 +11,7 @@ quotes for GPUs.
    tokens per second, MFU and peak memory over gpt2_steps steps, on random tokens (speed does not depend on
    the text, and OpenWebText takes hours to prepare).
 3. KV-cache sampling (bench_sample.py on the GPU): tokens per second with and without the cache.
+   With --batch_size=auto on the same shape: the micro-batch it fits and the peak memory it trains at.
 4. One-GPU torchrun runs that save, resume and finish, under DDP and under FSDP (compiled, bfloat16), with and
    without training-time samples: the launcher paths multi-GPU users take, the recompilations a sample adds (0),
    and the peak memory of each phase (start, training, save, resume).
@@ -133,10 +134,20 @@ with tempfile.TemporaryDirectory() as folder:
     gpt2_args = [os.path.join(ROOT, 'config', 'gpt2_124m_speedrun.py'), f'--device={device}', f'--dataset={folder}',
                  '--eval_interval=100000', '--eval_iters=1', '--log_interval=1']
     s = train_run(gpt2_args + (TINY_MODEL if tiny else []), steps=5 if tiny else gpt2_steps)
+    # batch_size=auto on the same shape: the micro-batch it fits (by trying sizes) and the peak memory it trains at
+    fitted = bench.run_train(gpt2_args + (TINY_MODEL if tiny else []) + ['--batch_size=auto', '--max_iters=3'])
+    fit_line = next((line for line in fitted['lines'] if line.startswith('batch_size=auto:')), None)
+    if fitted['returncode'] != 0 or fit_line is None:
+        print('\n'.join(fitted['lines'][-15:]), file=sys.stderr)
+        fail('the batch_size=auto run failed')
+    auto = bench.summarize(fitted)
 rows.append(('GPT-2 124M, bf16, compiled: ms per step', bench.fmt(s['ms_per_iter'], '.1f')))
 rows.append(('  tokens per second', bench.fmt(s['tokens_per_sec'], ',.0f')))
 rows.append(('  MFU', bench.fmt(s['mfu'], '.1%')))
 rows.append(('  peak memory (MiB)', bench.fmt(s['peak_memory_mib'], ',.0f')))
+micro, steps = re.search(r'micro-batch (\d+), (\d+) accumulation', fit_line).groups()
+rows.append(('  batch_size=auto: micro-batch, accumulation steps, peak MiB',
+             f"{micro}, {steps}, {bench.fmt(auto['peak_memory_mib'], ',.0f')}"))
 
 # 3. sampling
 cached, uncached, same = sampling_speed()
