@@ -286,32 +286,36 @@ def beam_models(tmp_path):
 
 
 def test_beam_search_matches_transformers(tmp_path):
-    """36 searches with an end-of-text token: every hypothesis transformers returns, in its order, with its score.
-    (Before, a finished beam kept its slot and crowded out live ones: 3 to 4 of these 36 best beams differed.)
+    """48 searches with an end-of-text token, 12 of them with a repetition penalty: every hypothesis transformers
+    returns, in its order, with its score. (Before, a finished beam kept its slot and crowded out live ones: 3 to 4 of
+    36 best beams differed; and the penalty applied to logits, not to log-probabilities: 0 of the 12 penalised
+    searches' best beams and scores were transformers'.)
 
     The hypotheses are compared exactly though our log-probabilities differ from transformers' in their last bits: up
     to 1e-6 a step, so 1.2e-5 at most over a sum of 12 (1e-6 once divided by the length). No decision of these searches
     is that close; measured on this data, the closest are two finished hypotheses whose normalised scores are 3.6e-5
-    apart, and two candidates at the edge of the kept beams 2.5e-4 apart. Other seeds may need that checked again."""
+    apart, and two candidates at the edge of the kept beams 2.5e-4 apart (with the penalty: 3.0e-4 and 1.5e-4).
+    Other seeds may need that checked again."""
     from generate import beam_search
     cases = finished_early = 0
     for seed, hf, ours in beam_models(tmp_path):
         for p in range(4):
             prompt = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(100 * seed + p))
-            for num_beams, length_penalty in ((2, 1.0), (4, 1.0), (4, 0.0)):
+            for num_beams, length_penalty, penalty in ((2, 1.0, 1.0), (4, 1.0, 1.0), (4, 0.0, 1.0), (4, 1.0, 1.3)):
                 out = hf.generate(prompt, num_beams=num_beams, max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS,
-                                  length_penalty=length_penalty, do_sample=False, early_stopping=False,
-                                  num_return_sequences=num_beams, return_dict_in_generate=True, output_scores=True)
+                                  length_penalty=length_penalty, repetition_penalty=penalty, do_sample=False,
+                                  early_stopping=False, num_return_sequences=num_beams, return_dict_in_generate=True,
+                                  output_scores=True)
                 theirs = []
                 for row in out.sequences[:, 4:].tolist():  # padded with EOS after the first one
                     theirs.append(row[:row.index(EOS) + 1] if EOS in row else row)
-                hypotheses = beam_search(ours, prompt, 12, num_beams, length_penalty, eot_id=EOS)
-                assert [tokens for _, tokens in hypotheses] == theirs, (seed, p, num_beams, length_penalty)
+                hypotheses = beam_search(ours, prompt, 12, num_beams, length_penalty, penalty, eot_id=EOS)
+                assert [tokens for _, tokens in hypotheses] == theirs, (seed, p, num_beams, length_penalty, penalty)
                 # sums of per-step float32 log-probabilities, each within ~1e-6 of transformers'
                 assert [score for score, _ in hypotheses] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
                 cases += 1
                 finished_early += EOS in theirs[0]
-    assert cases == 36 and finished_early >= 10  # the end-of-text token is in play
+    assert cases == 48 and finished_early >= 13  # the end-of-text token is in play
 
 
 def test_top_p_matches_transformers_warper():
@@ -328,3 +332,18 @@ def test_top_p_matches_transformers_warper():
             # exactly: both from the same logits, in float64, where the two cumulative sums (descending here,
             # ascending there) differ by ~1e-16; the cumulative probability closest to top_p here is 9e-9 from it
             assert torch.equal(ours, theirs), (top_p, scale, (ours != theirs).sum().item())
+
+
+def test_top_p_breaks_ties_as_transformers_does():
+    """bfloat16 logits (sampling under --dtype=bfloat16) hold many equal values: which of the equal tokens at the cut
+    of the nucleus stay is decided by the order torch.sort gives them (not stable: not by id). Before, we sorted
+    descending, and kept other tokens than transformers' warper in 41 to 44 of these 64 rows at top_p=0.5."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from generate import filter_top_p
+    g = torch.Generator().manual_seed(0)
+    for top_p in (0.5, 0.9):
+        logits = (torch.randn(64, 8192, generator=g) * 2).bfloat16().float()
+        ours = torch.isfinite(filter_top_p(logits, top_p))
+        theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.double()))
+        assert torch.equal(ours, theirs), (top_p, (ours != theirs).any(dim=1).sum().item())
