@@ -9,8 +9,8 @@ Sample from a trained model, or straight from GPT-2's weights:
     python sample.py --out_dir=out-shakespeare-char --interactive=True
     python sample.py --out_dir=out-chat --chat=True --temperature=0     # a conversation with a chat fine-tune
 
-The first sample streams to the terminal as it is generated; all samples are generated together, as the
-rows of one batch. `python sample.py --help` lists every setting.
+The first sample streams to the terminal as it is generated (but under a progress bar, which would draw over it);
+all samples are generated together, as the rows of one batch. `python sample.py --help` lists every setting.
 """
 import os
 import re
@@ -147,14 +147,19 @@ def run(prompt_text):
         if row == 0:
             print(text, end='', flush=True)
 
+    # a progress bar on a terminal redraws its line, where streamed text would be drawn over: then the first sample
+    # is printed whole once the bar is gone, like the others
+    streaming = not (progress and sys.stderr.isatty())
     t0 = time.time()
-    print(shown, end='', flush=True)
+    if streaming:
+        print(shown, end='', flush=True)
     with ctx:
         completions = generate_text(model, tokenizer, ids, num_samples, max_new_tokens, temperature, top_k or None,
                                     top_p, repetition_penalty, num_beams, length_penalty, stop_strings, use_cache,
-                                    on_text=stream, progress=progress)
-    print('\n---------------')
-    for completion in completions[1:]:
+                                    on_text=stream if streaming else None, progress=progress)
+    if streaming:
+        print('\n---------------')
+    for completion in completions[1:] if streaming else completions:
         print(shown + completion)
         print('---------------')
     if progress:

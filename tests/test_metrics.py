@@ -139,29 +139,10 @@ def test_early_stopping_patience_and_overfitting(char_dataset, tmp_path):
 def test_a_progress_bar_on_a_terminal_and_plain_lines_otherwise(char_dataset, tmp_path):
     """On a terminal: one bar (iterations, time left, loss, tokens/s) with the evaluations' lines above it and no
     line per iteration; into a pipe or a file (as everywhere else in these tests): the greppable lines."""
-    import os
-    import pty
-    import subprocess
-    import sys
-    from conftest import ROOT
-    import fcntl
-    import termios
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))  # a terminal 120 columns wide
-    proc = subprocess.Popen([sys.executable, 'train.py', f'--dataset={char_dataset}', f'--out_dir={tmp_path / "tty"}',
-                             *TINY_TRAIN, '--max_iters=8', '--eval_interval=4'], cwd=ROOT, stdout=slave, stderr=slave)
-    os.close(slave)
-    output = b''
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the other end closed: the run is over
-            break
-        if not chunk:
-            break
-        output += chunk
-    assert proc.wait(timeout=120) == 0
-    text = output.decode('utf-8', 'replace')
+    from conftest import run_in_terminal
+    code, text = run_in_terminal('train.py', f'--dataset={char_dataset}', f'--out_dir={tmp_path / "tty"}', *TINY_TRAIN,
+                                 '--max_iters=8', '--eval_interval=4')
+    assert code == 0, text
     assert '8/8' in text and ('it/s' in text or 's/it' in text)
     assert 'loss ' in text and 'tok/s' in text and 'step 4: train loss' in text and 'step 8: train loss' in text
     assert '\niter 5: loss' not in text.replace('\r', '\n')
