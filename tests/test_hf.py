@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from conftest import TINY_TRAIN, assert_clean_error, assert_no_near_tie, run, run_all
 from dataset import load_meta, open_split, sample_windows, write_dataset
-from hf_gpt2 import HFError, export_gpt2, load_gpt2, tiktoken_backend, tokenizer_of
+from hf_gpt2 import HFError, export_model, load_gpt2, tiktoken_backend, tokenizer_of
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, make_tokenizer
 
@@ -81,7 +81,7 @@ def test_what_we_cannot_represent_is_refused(tmp_path):
         load_gpt2(str(tmp_path))  # no config.json
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, activation='swiglu'))
     with pytest.raises(HFError, match="swiglu"):
-        export_gpt2(model, None, str(tmp_path / 'export'))
+        export_model(model, None, str(tmp_path / 'export'))
 
 
 def test_export_round_trip_gives_the_same_logits(tmp_path, bpe):
@@ -89,7 +89,7 @@ def test_export_round_trip_gives_the_same_logits(tmp_path, bpe):
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=32, vocab_size=320, n_layer=2, n_head=2, n_embd=32, **config)).eval()
         folder = tmp_path / config['activation']
-        assert export_gpt2(model, bpe.describe(), str(folder)) == []
+        assert export_model(model, bpe.describe(), str(folder)) == []
         from transformers import GPT2LMHeadModel
         hf = GPT2LMHeadModel.from_pretrained(folder).eval()
         assert hf.config.vocab_size == bpe.vocab_size == 300  # the padding rows of our 320 are no tokens
@@ -100,6 +100,56 @@ def test_export_round_trip_gives_the_same_logits(tmp_path, bpe):
         back, description = load_gpt2(str(folder))
         torch.testing.assert_close(logits_of(back, ids), ours, atol=1e-5, rtol=1e-5)
         assert description == bpe.describe()  # the tokenizer comes back exactly
+
+
+# the modern switches, each set of them exported to the transformers family that has it (hf_architectures.py)
+FAMILY_CASES = [('llama', dict(norm='rmsnorm', activation='swiglu', bias=True)),
+                ('arcee', dict(norm='rmsnorm', activation='relu2', tie_weights=True)),
+                ('qwen3', dict(norm='rmsnorm', activation='swiglu', qk_norm=True)),
+                ('vaultgemma', dict(norm='rmsnorm', activation='swiglu', logit_softcap=30.0, tie_weights=True)),
+                ('persimmon', dict(norm='layernorm', activation='relu2', qk_norm=True))]
+
+
+@pytest.mark.parametrize('family,switches', FAMILY_CASES, ids=[family for family, _ in FAMILY_CASES])
+def test_modern_switches_export_to_the_family_that_has_them(tmp_path, bpe, family, switches):
+    """Logits, greedy text and pipeline('text-generation') of the export equal ours. Every gain and bias is drawn
+    (a gain left at 1 or a bias at 0 would hide a norm or bias mapped to the wrong place), the head is sharpened so
+    that greedy decoding has clear-cut choices, and the vocabulary is padded (320 rows for 300 tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from generate import generate_text
+    torch.manual_seed(5)
+    config = dict(block_size=64, vocab_size=320, real_vocab_size=bpe.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                  position='rotary', rope_base=500.0, bias=False, tie_weights=False)
+    model = GPT(GPTConfig(**{**config, **switches})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(1.0 if name.endswith('weight') else 0.0, 0.2)
+        model.lm_head.weight.mul_(20)
+    folder = tmp_path / family
+    assert export_model(model, bpe.describe(), str(folder)) == []
+    assert json.loads((folder / 'config.json').read_text())['model_type'] == family
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(1))
+    # transformers' layers and ours, in other kernels and order (and Gemma's 1 + (gain - 1), its embedding divided and
+    # multiplied back by sqrt(n_embd)): a few ulps of logits of size ~30 (up to 5e-7 seen)
+    torch.testing.assert_close(logits_of(hf, ids), logits_of(model, ids)[..., :300], atol=1e-5, rtol=1e-5)
+    theirs = pipeline_greedy(folder, PROMPT, 24)
+    ours = generate_text(model, bpe, bpe.encode(PROMPT), max_new_tokens=24, temperature=0)[0]
+    assert theirs == PROMPT + ours
+
+
+def test_a_combination_no_family_has_is_refused_naming_it(tmp_path):
+    """The quickstart's and the speedruns' models cap their logits and normalise queries and keys: only the Gemma
+    family caps logits, and its QK-norm comes with norms after each sublayer that ours lack."""
+    from checkpoint import save_checkpoint
+    model_args = dict(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, position='rotary', qk_norm=True,
+                      activation='relu2', logit_softcap=30.0, tie_weights=False, bias=False)
+    save_checkpoint(tmp_path / 'out', GPT(GPTConfig(**model_args)), None, 1, 0.0, model_args, {}, None)
+    proc = run('export_hf.py', f'--out_dir={tmp_path / "out"}', f'--hf_dir={tmp_path / "hf"}', check=False)
+    assert_clean_error(proc, 'logit_softcap=30.0', 'persimmon')
+    assert not (tmp_path / 'hf').exists()
 
 
 def pipeline_greedy(folder, prompt, n):
@@ -179,7 +229,7 @@ def test_char_tokenizer_exports_and_round_trips(tmp_path):
     text = ''.join(CORPUS[:2])
     char = make_tokenizer('char', text)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
-    export_gpt2(model, char.describe(), str(tmp_path))
+    export_model(model, char.describe(), str(tmp_path))
     from transformers import AutoTokenizer
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     shuffled = ''.join(np.random.default_rng(0).permutation(list(char.chars * 3)))
@@ -187,7 +237,7 @@ def test_char_tokenizer_exports_and_round_trips(tmp_path):
         ids = theirs.encode(sample, add_special_tokens=False)
         assert ids == char.encode(sample) and theirs.decode(ids) == sample
     assert tokenizer_of(str(tmp_path)) == char.describe()
-    notes = export_gpt2(model, make_tokenizer('word', text).describe(), str(tmp_path / 'word'))
+    notes = export_model(model, make_tokenizer('word', text).describe(), str(tmp_path / 'word'))
     assert len(notes) == 1 and 'word' in notes[0]  # said, not silently dropped
 
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from checkpoint import load_model
 from conftest import TINY_TRAIN, assert_clean_error, run, run_all
-from hf_gpt2 import export_gpt2
+from hf_gpt2 import export_model
 from model import GPT, GPTConfig
 from multiple_choice import (Item, TaskError, accuracies, arc_item, choice_logprobs, encode_pair, fewshot_context,
                              hellaswag_item, load_task, piqa_item, shot_indices)
@@ -74,7 +74,7 @@ def exported(tmp_path_factory):
         model.lm_head.weight.mul_(10)
         model.lm_head.weight[bpe.vocab_size:] += 2.0
     folder = tmp_path_factory.mktemp('mc') / 'hf'
-    assert export_gpt2(model, bpe.describe(), str(folder)) == []
+    assert export_model(model, bpe.describe(), str(folder)) == []
     task = folder.parent / 'bpe_task.jsonl'
     task.write_text(''.join(json.dumps(item._asdict(), ensure_ascii=False) + '\n' for item in BPE_TASK), encoding='utf-8')
     return folder, task, model, bpe
