@@ -80,6 +80,9 @@ try:
 except ValueError as e:
     fail(e)
 source = out_dir if init_from == 'resume' else init_from
+if init_from == 'resume' and not os.path.exists(out_dir):
+    fail(f'--out_dir={out_dir} does not exist: pass --out_dir=FOLDER, the out_dir of a train.py run, or '
+         f'--init_from=gpt2 for GPT-2\'s weights')
 try:
     model, tokenizer_description, _ = load_model(source, device, which=checkpoint)
 except (CheckpointError, HFError) as e:

@@ -120,7 +120,9 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
         (base + ['--top_p=1.5'], ('top_p=1.5', '(0, 1]')),
         (base + ['--temperature=-0.5'], ('temperature=-0.5', 'negative')),
         (base + ['--num_beams=0'], ('num_beams=0',)),
-        (base + [f'--out_dir={tmp_path / "missing"}'], ('does not exist',)),
+        # the setting to change is named (before: "... missing does not exist: pass a checkpoint folder ...")
+        (base + [f'--out_dir={tmp_path / "missing"}'], (f'--out_dir={tmp_path / "missing"} does not exist',)),
+        (['eval.py', f'--out_dir={tmp_path / "missing"}'], (f'--out_dir={tmp_path / "missing"} does not exist',)),
         (base + [f'--out_dir={incomplete}'], ('missing', 'incomplete')),
         (base + ['--start=FILE:no/such/prompt.txt'], ('no/such/prompt.txt', 'not found')),
         (['eval.py', f'--out_dir={out}', '--device=cpu', f'--text={tmp_path / "none.txt"}'], ('none.txt', 'not found')),
