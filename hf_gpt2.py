@@ -105,10 +105,47 @@ def _read_hf_config(name):
                           f"folders (model_type 'gpt2' in config.json) can be loaded")
     from transformers import AutoConfig  # only now: importing transformers takes seconds
     try:
-        return AutoConfig.from_pretrained(source), source
+        return from_cache_or_hub(AutoConfig.from_pretrained, source), source
+    except HFError:
+        raise
     except Exception as e:  # OSError without network, ValueError, ...: all mean the same here
         raise HFError(f'cannot load the config of {source}: {_first_line(e).rstrip(".")}; GPT-2 weights are downloaded on '
                       f'first use: connect once, or pass a local folder') from None
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers a connection now (False in offline mode). Behind a proxy, the proxy
+    decides: True."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_cache_or_hub(load, source, **kwargs):
+    """load(source, **kwargs) (a transformers from_pretrained) from the local cache, else from the hub, but only if
+    the hub answers: offline, transformers would retry for tens of seconds before failing; this fails at once."""
+    if os.path.isdir(source):
+        return load(source, **kwargs)
+    try:
+        with quiet_transformers():
+            return load(source, local_files_only=True, **kwargs)
+    except OSError:
+        pass  # not in the cache
+    if not hub_reachable():
+        raise HFError(f'{source} is not in the local Hugging Face cache and the hub cannot be reached (offline?): '
+                      f'connect once to download it, or pass a local folder')
+    return load(source, **kwargs)
 
 
 def tokenizer_of(name):
@@ -148,7 +185,9 @@ def load_gpt2(name, dropout=0.0):
     from transformers import GPT2LMHeadModel
     try:
         with quiet_transformers():
-            hf_model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+            hf_model = from_cache_or_hub(GPT2LMHeadModel.from_pretrained, source, dtype=torch.float32)
+    except HFError:
+        raise
     except Exception as e:
         raise HFError(f'cannot load the weights of {source}: {_first_line(e)}') from None
     with torch.device('meta'):  # storage below, values from the state dict: none drawn only to be overwritten

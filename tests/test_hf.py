@@ -315,6 +315,17 @@ def test_fine_tune_and_evaluate_a_hugging_face_folder(tmp_path, bpe, char_datase
     assert_clean_error(no_data, '--dataset', '--text')
 
 
+def test_a_hub_name_offline_fails_at_once_with_one_line(tmp_path):
+    """GPT-2 by name, neither cached nor reachable (the hub's address refuses connections, here and online): one
+    line at once. (Before, transformers retried for 30 to 50 s, then a warning and the error made two lines.)"""
+    import time
+    env = {'HF_HUB_OFFLINE': '0', 'HF_HOME': str(tmp_path / 'hf_home'), 'HF_ENDPOINT': 'http://127.0.0.1:9'}
+    t0 = time.time()
+    proc = run('sample.py', '--init_from=gpt2', env=env, check=False)
+    assert_clean_error(proc, 'openai-community/gpt2 is not in the local Hugging Face cache', 'cannot be reached')
+    assert time.time() - t0 < 60  # (47 s before, on a loaded machine; 8 s after: mostly importing torch and transformers)
+
+
 # ---------------------------------------------------------------------------- decoding against transformers
 
 EOS = 3
