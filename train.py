@@ -674,10 +674,11 @@ while True:
             iter_mfu = mfu(raw_model.flops_per_token(), tokens_per_iter, dt, device_peak, ddp_world_size)
             running_mfu = iter_mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * iter_mfu
             mfu_text = f', mfu {running_mfu * 100:.2f}%'
+        lr_text = f', lr {lr_factor * learning_rate:.2e}'  # AdamW's (Muon's goes the same way, from muon_lr)
         if bar is not None:
-            bar.set_postfix_str(f'loss {lossf:.4f}, {tokens_per_sec:,.0f} tok/s{mfu_text}', refresh=False)
+            bar.set_postfix_str(f'loss {lossf:.4f}, {tokens_per_sec:,.0f} tok/s{mfu_text}{lr_text}', refresh=False)
         else:
-            print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
+            print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}{lr_text}')
         if metrics:
             metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * learning_rate,
                         grad_norm=grad_norm.item(), tokens_per_sec=round(tokens_per_sec),

@@ -4,6 +4,7 @@ autosaves between evaluations; samples at evaluations that leave training untouc
 import json
 import struct
 
+import pytest
 import torch
 
 from checkpoint import read_checkpoint
@@ -36,6 +37,11 @@ def test_metrics_log_records_what_train_printed_and_a_resume_continues_the_curve
     printed = {int(l.split()[1][:-1]): float(l.split()[3][:-1]) for l in (first.stdout + resumed.stdout).splitlines()
                if l.startswith('iter ')}
     assert all(round(r['train_loss'], 4) == printed[r['iter']] for r in steps)
+    # the log shows the learning rate of each step: warmup over 5 steps to 3e-3 (TINY_TRAIN), iteration n taking step
+    # n - 1's, (n - 1 + 1) / 6 of it; then the cosine, over lr_decay_iters=600,000, has barely begun
+    lrs = {int(l.split()[1][:-1]): float(l.split('lr ')[1]) for l in first.stdout.splitlines() if l.startswith('iter ')}
+    assert lrs == pytest.approx({2: 1e-3, 4: 2e-3, 6: 3e-3, 8: 3e-3}, rel=1e-3)
+    assert all(r['lr'] == pytest.approx(lrs[r['iter']], rel=1e-3) for r in steps if r['iter'] in lrs)
     times = [r['time'] for r in records]
     assert times == sorted(times) and all(r['lr'] > 0 and r['tokens_per_sec'] > 0 for r in steps)
     assert all(r['val_bits_per_byte'] > 0 for r in evals)
