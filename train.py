@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
-from checkpoint import (CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state, load_weights,
+from checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state, load_weights,
                         lock_out_dir, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, count_targets, dataset_dir, load_meta, open_mask,
@@ -150,6 +150,22 @@ if init_from == 'resume':
     except ConfigError as e:
         fail(f'{out_dir}/checkpoint.json is damaged: its config says {e}')
     globals().update(config)
+elif init_from != 'scratch' and os.path.isfile(os.path.join(init_from, CHECKPOINT_NAME)):
+    # a fine-tune of one of our checkpoints starts from that run's training settings (its block size, batch,
+    # accumulation, optimizer, schedule), not from this file's GPT-2-scale defaults; what is given now wins. Not taken:
+    # where this run reads and writes and runs, and a speedrun's finish line
+    try:
+        base_run = read_checkpoint(init_from)
+        taken = inherit(config, base_run['config'], keep=('init_from', 'out_dir', 'dataset', 'eval_only', 'device',
+                                                           'backend', 'dist_timeout', 'target_val_loss'))
+    except CheckpointError as e:
+        fail(e)
+    except ConfigError as e:
+        fail(f'{init_from}/{CHECKPOINT_NAME} is damaged: its config says {e}')
+    globals().update(config)
+    if taken and master_process:
+        print(f"fine-tuning with the training settings of {init_from}'s run (--key=value overrides any): "
+              f"{', '.join(f'{key}={config[key]!r}' for key in taken)}")
 # -----------------------------------------------------------------------------
 
 
@@ -692,13 +708,21 @@ while True:
     if stop:
         stop_run()
 
+if not eval_only and iter_num > start_iter and last_saved_iter != iter_num:
+    # no evaluation saved the last state (always_save_checkpoint=False, and none beat the best val loss): a run that
+    # trained never ends without a checkpoint to sample from or to continue
+    save()
 if bar is not None:
     bar.close()
 if metrics and plot:
     redraw_plot()
-if master_process and best_saved_iter is not None and best_saved_iter != last_saved_iter:
-    print(f'the best checkpoint (iteration {best_saved_iter}, val loss {best_val_loss:.4f}) is what sample.py and eval.py '
-          f'read; --init_from=resume continues from the latest (iteration {last_saved_iter})')
+if master_process and not eval_only and last_saved_iter is not None:
+    if best_saved_iter is not None and best_saved_iter != last_saved_iter:
+        print(f'the best checkpoint (iteration {best_saved_iter}, val loss {best_val_loss:.4f}) is what sample.py and '
+              f'eval.py read; --init_from=resume continues from the latest (iteration {last_saved_iter})')
+    elif not os.path.exists(os.path.join(out_dir, BEST_NAME)):
+        print(f'no evaluation beat the first val loss ({best_val_loss:.4f}), so there is no best checkpoint: sample.py, '
+              f'eval.py and --init_from=resume all read the latest (iteration {last_saved_iter})')
 memory.enter(None)
 if ddp or device_type == 'cuda':  # every process's, by phase: what DDP and FSDP differ in (bench_memory.py)
     phases = processes.gather(memory.peaks)
