@@ -198,21 +198,27 @@ def input_lines(intro, prompt):
 def chat_loop():
     """A conversation: each line of input is a user turn, appended to the one KV cache the whole conversation is in
     (only its new tokens go through the model), and the reply runs to the end-of-turn token (or max_new_tokens,
-    whose reply is then closed with one). Once a turn and the room for its reply no longer fit block_size, the oldest
-    exchanges are dropped and what is left is fed again, as a new cache."""
+    whose reply is then closed with one). The room kept for a reply is max_new_tokens, at most half the context and
+    what the message leaves of it; a message leaving less than block_size // 8 is refused. Once a turn and the room for
+    its reply no longer fit block_size, the oldest exchanges are dropped and what is left is fed again, as a new
+    cache."""
     if not isinstance(tokenizer, ChatTokenizer):
         fail(f'{source} is not a chat model (its tokenizer has no chat template): fine-tune it on conversations '
              f'prepared by prepare_chat.py first')
-    room = min(max_new_tokens, block_size // 2)  # kept free for the reply
+    # the least room a message must leave for its reply; beyond it the reply gets what the message leaves, up to
+    # max_new_tokens and half the context (older exchanges are dropped to make that room)
+    least = max(1, min(max_new_tokens, block_size // 8))
     exchanges = []  # token ids of each user turn and its reply, as fed to the model
     decoder = None
     device = next(model.parameters()).device
     for message in input_lines('chat: type a message and press Enter; end with Ctrl-D', 'you> '):
         turn = (tokenizer.marker_ids['user'] + encode_text(message) + [tokenizer.end_id]
                 + tokenizer.marker_ids['assistant'])
-        if len(turn) + room > block_size:
-            print(f'note: that message has {len(turn)} tokens: with the room for a reply ({room}) it does not fit the '
-                  f"model's context of {block_size}; say it in fewer words", file=sys.stderr)
+        room = min(max_new_tokens, block_size // 2, block_size - len(turn))  # kept free for the reply
+        if room < least:
+            print(f"note: that message has {len(turn)} tokens (with the chat template's): the model's context of "
+                  f'{block_size} must keep {least} for a reply, so at most {block_size - least} fit; say it in fewer '
+                  f'words', file=sys.stderr)
             continue
         if sum(map(len, exchanges)) + len(turn) + room > block_size:
             while sum(map(len, exchanges)) + len(turn) + room > block_size:
