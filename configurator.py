@@ -44,8 +44,9 @@ def fail(message):
 
 
 def config_keys(namespace):
-    """The settings of a script: its public module-level variables of simple types."""
-    return [k for k, v in namespace.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+    """The settings of a script: its public module-level variables of simple types. Names in capitals are constants
+    (a file name, a threshold), the script's own or imported, not settings."""
+    return [k for k, v in namespace.items() if not k.startswith('_') and not k.isupper() and isinstance(v, CONFIG_TYPES)]
 
 
 def _check_type(key, value, default):

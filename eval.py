@@ -35,7 +35,7 @@ from configurator import configure, fail
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta,
                      normalize_unicode, open_mask, open_split, sample_windows, unicode_form)
 from generate import generate_tokens
-from hf_gpt2 import HFError
+from hf_gpt2 import GPT2_NAMES, HFError
 from multiple_choice import TaskError, accuracies, choice_logprobs, encode_pair, fewshot_context, load_task
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
 from sample_quality import ngram_set, quality, self_perplexity
@@ -104,6 +104,10 @@ ctx = autocast(device, dtype)
 entries = [e.strip() for e in (out_dir if init_from == 'resume' else init_from).split(',') if e.strip()]
 if not entries:
     fail('no model given: pass --out_dir=FOLDER or --init_from=gpt2')
+for entry in entries:
+    if init_from == 'resume' and not os.path.exists(entry) and entry not in GPT2_NAMES:
+        fail(f'--out_dir={entry} does not exist: pass --out_dir=FOLDER, the out_dir of a train.py run (several: '
+             f'comma-separated), or --init_from=gpt2 for GPT-2\'s weights')
 
 
 if not text and not dataset and not task:

@@ -1,21 +1,25 @@
 """
-Export a checkpoint of GPT-2 architecture as a Hugging Face model folder: config.json, model.safetensors
-and the tokenizer's files, where its kind has them (char, bpe, tiktoken and hf do; word does not).
+Export a checkpoint as a Hugging Face model folder: config.json, model.safetensors and the tokenizer's files,
+where its kind has them (char, bpe, tiktoken and hf do; word does not).
 
     python export_hf.py --out_dir=out-shakespeare --hf_dir=gpt2-shakespeare
     python -c "from transformers import pipeline; print(pipeline('text-generation', model='gpt2-shakespeare')('ROMEO:', do_sample=False))"
 
-The folder then loads with transformers.GPT2LMHeadModel / AutoModelForCausalLM, can be pushed to the hub
-(huggingface-cli upload NAME gpt2-shakespeare), and loads back here with --init_from=gpt2-shakespeare.
-After writing, the folder is loaded with transformers and its logits compared with ours.
+A GPT-2-architecture checkpoint becomes a GPT-2 folder (it loads back here with --init_from=gpt2-shakespeare);
+one with the modern switches becomes the transformers family that has them (hf_architectures.py: Llama for rotary
+positions, RMSNorm and SwiGLU, Qwen3 with QK-norm, VaultGemma with logit soft-capping, ...), and a combination no
+family has is refused, naming what the nearest lacks. The folder loads with transformers.AutoModelForCausalLM and
+can be pushed to the hub (huggingface-cli upload NAME gpt2-shakespeare). After writing, the folder is loaded with
+transformers and its logits compared with ours.
 """
+import json
 import os
 
 import torch
 
 from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
-from hf_gpt2 import HFError, export_gpt2, quiet_transformers
+from hf_gpt2 import HFError, export_model, quiet_transformers
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the checkpoint to export
@@ -29,19 +33,21 @@ if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
     fail(f'{hf_dir} already exists and is not an empty folder: choose another --hf_dir or remove it')
 try:
     model, tokenizer, _ = load_model(out_dir)
-    notes = export_gpt2(model.eval(), tokenizer, hf_dir, out_dir)
+    notes = export_model(model.eval(), tokenizer, hf_dir, out_dir)
 except (CheckpointError, HFError) as e:
     fail(e)
 except OSError as e:
     fail(f'cannot write {hf_dir}: {e.strerror}; pass an --hf_dir you can write to')
 for note in notes:
     print(f'note: {note}')
-print(f'wrote {hf_dir}: {", ".join(sorted(os.listdir(hf_dir)))}')
+with open(os.path.join(hf_dir, 'config.json'), encoding='utf-8') as f:
+    architecture = json.load(f)['model_type']
+print(f'wrote {hf_dir}, a {architecture} model: {", ".join(sorted(os.listdir(hf_dir)))}')
 
 if verify:
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
     with quiet_transformers():
-        hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     vocab = hf_model.config.vocab_size
     idx = torch.randint(0, vocab, (2, min(64, model.config.block_size)), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -166,12 +166,13 @@ def filter_top_p(logits, top_p):
     probability adds up to at least top_p; set the rest to -inf."""
     if top_p is None or top_p >= 1.0:
         return logits
-    # in float64: summed in float32, the probabilities of a 50,000-token vocabulary carry enough rounding error
-    # to move the cut by a token or two
-    sorted_logits, order = torch.sort(logits.double(), descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
-    before = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # probability of the tokens ranked above each one
-    drop_sorted = before >= top_p  # the top token always stays (nothing is ranked above it)
+    # transformers' TopPLogitsWarper step by step, so that equal logits at the cut (common in bfloat16) go the same
+    # way: the same (unstable) ascending sort puts equal logits in the same order, and the unlikeliest tokens are
+    # dropped while they add up to at most 1 - top_p. In float64: summed in float32, the probabilities of a
+    # 50,000-token vocabulary carry enough rounding error to move the cut by a token or two
+    sorted_logits, order = torch.sort(logits.double(), descending=False)
+    drop_sorted = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1) <= 1 - top_p
+    drop_sorted[:, -1] = False  # the likeliest token always stays
     drop = drop_sorted.scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, -float('inf'))
 
@@ -186,11 +187,11 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
-def _next_logits(decoder, repetition_penalty, vocab_size):
+def _next_logits(decoder, vocab_size):
     logits = decoder.next_logits()
     if vocab_size is not None and vocab_size < logits.size(-1):
         logits[:, vocab_size:] = -float('inf')  # the rows that pad the embedding up to a multiple of 64 are no tokens
-    return penalise_repetition(logits, decoder.seq, repetition_penalty)
+    return logits
 
 
 # ---------------------------------------------------------------------------- sampling and beam search
@@ -212,7 +213,8 @@ def continue_tokens(decoder, max_new_tokens, temperature=1.0, top_k=None, top_p=
     """generate_tokens on a Decoder the caller keeps: a conversation goes on in the same cache, turn after turn.
     Each token is appended to the decoder before it is yielded."""
     for _ in range(max_new_tokens):
-        token = sample_token(_next_logits(decoder, repetition_penalty, vocab_size), temperature, top_k, top_p, generator)
+        logits = penalise_repetition(_next_logits(decoder, vocab_size), decoder.seq, repetition_penalty)
+        token = sample_token(logits, temperature, top_k, top_p, generator)
         if sync is not None:
             token = sync(token)
         decoder.append(token)
@@ -236,7 +238,10 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, repet
     finished = []
     for step in range(max_new_tokens):
         length = step + 1
-        step_logp = F.log_softmax(_next_logits(decoder, repetition_penalty, vocab_size), dim=-1)  # (K, V)
+        # the penalty applies to the log-probabilities, where transformers' beam search applies its logits processors
+        # (penalised logits, then log-softmax, would give other scores and other beams)
+        step_logp = penalise_repetition(F.log_softmax(_next_logits(decoder, vocab_size), dim=-1), decoder.seq,
+                                        repetition_penalty)  # (K, V)
         V = step_logp.size(-1)
         # 2K candidates: even if the best K all end, K others remain to go on with
         total, flat = (logp[:, None] + step_logp).view(-1).topk(min(2 * K, K * V))
@@ -306,8 +311,9 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
                   top_p=None, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, stop=(), use_cache=True,
                   on_text=None, progress=False, generator=None, sync=None):
     """Complete the prompt (a list of token ids) num_samples times; returns the completions as strings.
-    A completion ends after max_new_tokens tokens, at the tokenizer's end-of-text token, or just before
-    the first of the stop strings; neither the end-of-text nor the stop string is part of it.
+    A completion ends after max_new_tokens tokens (without the bytes of a character they cut in two), at the
+    tokenizer's end-of-text token, or just before the first of the stop strings; neither the end-of-text nor the
+    stop string is part of it.
     on_text(row, text) receives each completion's new text as soon as it is final: while sampling, it
     streams; beam search only knows its winner at the end. Stop strings cut beam search's winner afterwards.
     generator and sync: see generate_tokens (sampling only)."""
@@ -368,6 +374,10 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
         text = _completion(tokenizer, prompt_ids, tokens, prompt_text)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         text = text[:cut] if cut >= 0 else text
+        if cut < 0 and len(tokens) == max_new_tokens:
+            # cut by max_new_tokens inside a character (a byte-level BPE's bytes of one): leave the bytes out, which
+            # decode as U+FFFD
+            text = text.rstrip('\ufffd')
         if on_text:
             start = shown[row] if num_beams == 1 else 0
             if len(text) > start:

@@ -3,8 +3,9 @@ GPT-2 weights from and to Hugging Face transformers.
 
     load_gpt2('gpt2')             OpenAI's GPT-2 124M (or gpt2-medium, gpt2-large, gpt2-xl), fetched by transformers
     load_gpt2('path/to/folder')   any local GPT-2-architecture folder (config.json + weights), e.g. ruGPT-3
-    export_gpt2(model, tokenizer_description, 'folder')   the reverse: a folder that
-                                  transformers.pipeline('text-generation', model='folder') runs as is
+    export_model(model, tokenizer_description, 'folder')   the reverse: a folder that
+                                  transformers.pipeline('text-generation', model='folder') runs as is; GPT-2's
+                                  architecture, or for the modern switches another family's (hf_architectures.py)
 
 Our parameter names are GPT-2's, but GPT-2 (and so Hugging Face) keeps its attention and MLP weights in
 Conv1D layers, which store the transpose of an nn.Linear's weight. A config we cannot represent exactly
@@ -19,6 +20,7 @@ import tempfile
 
 import torch
 
+from hf_architectures import family_for
 from model import GPT, GPTConfig
 from tokenizer import CHAT_ROLES, ChatTokenizer, TokenizerError, load_tokenizer
 
@@ -103,10 +105,47 @@ def _read_hf_config(name):
                           f"folders (model_type 'gpt2' in config.json) can be loaded")
     from transformers import AutoConfig  # only now: importing transformers takes seconds
     try:
-        return AutoConfig.from_pretrained(source), source
+        return from_cache_or_hub(AutoConfig.from_pretrained, source), source
+    except HFError:
+        raise
     except Exception as e:  # OSError without network, ValueError, ...: all mean the same here
         raise HFError(f'cannot load the config of {source}: {_first_line(e).rstrip(".")}; GPT-2 weights are downloaded on '
                       f'first use: connect once, or pass a local folder') from None
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers a connection now (False in offline mode). Behind a proxy, the proxy
+    decides: True."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_cache_or_hub(load, source, **kwargs):
+    """load(source, **kwargs) (a transformers from_pretrained) from the local cache, else from the hub, but only if
+    the hub answers: offline, transformers would retry for tens of seconds before failing; this fails at once."""
+    if os.path.isdir(source):
+        return load(source, **kwargs)
+    try:
+        with quiet_transformers():
+            return load(source, local_files_only=True, **kwargs)
+    except OSError:
+        pass  # not in the cache
+    if not hub_reachable():
+        raise HFError(f'{source} is not in the local Hugging Face cache and the hub cannot be reached (offline?): '
+                      f'connect once to download it, or pass a local folder')
+    return load(source, **kwargs)
 
 
 def tokenizer_of(name):
@@ -146,7 +185,9 @@ def load_gpt2(name, dropout=0.0):
     from transformers import GPT2LMHeadModel
     try:
         with quiet_transformers():
-            hf_model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+            hf_model = from_cache_or_hub(GPT2LMHeadModel.from_pretrained, source, dtype=torch.float32)
+    except HFError:
+        raise
     except Exception as e:
         raise HFError(f'cannot load the weights of {source}: {_first_line(e)}') from None
     with torch.device('meta'):  # storage below, values from the state dict: none drawn only to be overwritten
@@ -161,8 +202,8 @@ def load_gpt2(name, dropout=0.0):
 
 # ---------------------------------------------------------------------------- export
 
-def hf_config_for(config, vocab_size, eot_id=None):
-    """A transformers GPT2Config for our GPTConfig, or HFError if GPT-2 cannot express it."""
+def gpt2_lacks(config):
+    """What GPT-2 cannot hold of our GPTConfig (empty: it exports as GPT-2)."""
     problems = []
     if config.position != 'learned':
         problems.append(f'position={config.position!r}')
@@ -174,9 +215,11 @@ def hf_config_for(config, vocab_size, eot_id=None):
         problems.append(f'activation={config.activation!r}')
     if config.logit_softcap:
         problems.append(f'logit_softcap={config.logit_softcap}')
-    if problems:
-        raise HFError(f"GPT-2 has no {', '.join(problems)}: only GPT-2-architecture checkpoints (learned positions, "
-                      f"LayerNorm, no QK-norm, gelu/gelu_tanh/relu/relu2/silu, no soft-capping) can be exported")
+    return problems
+
+
+def hf_config_for(config, vocab_size, eot_id=None):
+    """A transformers GPT2Config for our GPTConfig (gpt2_lacks(config) must be empty)."""
     from transformers import GPT2Config
     return GPT2Config(vocab_size=vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                       n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
@@ -203,12 +246,43 @@ def state_to_hf(model, vocab_size):
     return {k: v.contiguous() for k, v in hf_state.items()}
 
 
-def export_gpt2(model, tokenizer_description, folder, tokenizer_folder=None):
-    """Write model (a GPT of GPT-2 architecture) as a Hugging Face folder: config.json, model.safetensors,
-    the tokenizer's files where its kind has them, and our tokenizer description (DESCRIPTION_FILE).
-    tokenizer_folder: where the description was found (the checkpoint folder), for a tokenizer's own file.
-    Returns notes for the user (e.g. that a tokenizer could not be exported). Raises HFError."""
-    from transformers import GPT2LMHeadModel
+def architecture_for(config):
+    """None where our GPTConfig is GPT-2's, else the family of hf_architectures.py that holds every switch; HFError
+    naming what is missing where none does."""
+    lacks = gpt2_lacks(config)
+    if not lacks:
+        return None
+    try:
+        return family_for(config, others=[('gpt2', lacks)])
+    except ValueError as e:
+        raise HFError(f'cannot export: {e}') from None
+
+
+def hf_model_for(model, vocab_size, eos_id, family):
+    """A transformers model holding model's weights, of GPT-2's architecture (family None) or the family's."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    if family is None:
+        hf_model = GPT2LMHeadModel(hf_config_for(model.config, vocab_size, eos_id))
+        state, buffers = state_to_hf(model, vocab_size), ('.attn.bias', '.attn.masked_bias')
+    else:
+        hf_model = AutoModelForCausalLM.from_config(family.hf_config(model.config, vocab_size, eos_id))
+        ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        state, buffers = {k: v.contiguous() for k, v in family.state(ours, model.config, vocab_size).items()}, ()
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(buffers)]
+    if missing or unexpected:
+        raise HFError(f'internal: weights do not map onto {type(hf_model).__name__} (missing {missing[:3]}, '
+                      f'unexpected {unexpected[:3]})')
+    return hf_model
+
+
+def export_model(model, tokenizer_description, folder, tokenizer_folder=None):
+    """Write model (a GPT) as a Hugging Face folder: config.json, model.safetensors, the tokenizer's files where its
+    kind has them, and our tokenizer description (DESCRIPTION_FILE). The architecture is GPT-2's where the model is
+    GPT-2's, else another family's (architecture_for). tokenizer_folder: where the description was found (the
+    checkpoint folder), for a tokenizer's own file. Returns notes for the user (e.g. that a tokenizer could not be
+    exported). Raises HFError."""
+    family = architecture_for(model.config)  # first: a model that cannot be exported is refused at once
     tokenizer = None
     if tokenizer_description is not None:
         try:
@@ -221,12 +295,7 @@ def export_gpt2(model, tokenizer_description, folder, tokenizer_folder=None):
     with quiet_transformers():
         # a chat model's text ends at its end of turn: transformers' generate stops there
         eos = tokenizer.end_id if isinstance(tokenizer, ChatTokenizer) else tokenizer.eot_id if tokenizer else None
-        hf_config = hf_config_for(model.config, vocab_size, eos)
-        hf_model = GPT2LMHeadModel(hf_config)
-        missing, unexpected = hf_model.load_state_dict(state_to_hf(model, vocab_size), strict=False)
-        missing = [k for k in missing if not k.endswith(('.attn.bias', '.attn.masked_bias'))]
-        if missing or unexpected:
-            raise HFError(f'internal: weights do not map onto GPT2LMHeadModel (missing {missing[:3]}, unexpected {unexpected[:3]})')
+        hf_model = hf_model_for(model, vocab_size, eos, family)
         os.makedirs(folder, exist_ok=True)
         hf_model.save_pretrained(folder)  # safetensors
     notes = []

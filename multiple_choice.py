@@ -10,7 +10,8 @@ Accuracy comes with its standard error (lm-eval's: the sample standard deviation
 chance, the mean of 1 / number of choices, beside it.
 
 A task is a JSONL file, one item per line: {"context": "...", "choices": ["...", "..."], "label": 0}. The model
-scores context + choice exactly as written, so a choice that follows a word starts with its space. hellaswag,
+scores context + choice as written, so a choice that follows a word starts with its space; the tokens are split
+between them by lm-eval's rule (encode_pair). hellaswag,
 arc_easy and piqa load through `datasets` (online, or from its cache) mapped to that form with lm-eval's prompts.
 k-shot prompts put k solved examples (context + right choice), separated by blank lines, before the item's
 context; they are drawn from the task's train split (a JSONL task: its other items, or a file of its own) by a
@@ -164,17 +165,15 @@ def fewshot_context(items, pool, index, shots, seed):
 # ---------------------------------------------------------------------------- scoring
 
 def encode_pair(tokenizer, context, choice):
-    """(context ids, choice ids): the tokens of context + choice, split where the tokens of the context without
-    its trailing whitespace stop matching. So the model is scored on the tokenization it would see for the whole
-    text; whitespace that ends the context goes with the choice, as in lm-eval (BPEs attach a space to the word
-    after it); a token that spans the boundary (rare, as choices start with a space, where BPEs split) counts as
-    the choice's. Char tokenizers split exactly there. An empty context becomes the end-of-text token (lm-eval)."""
-    whole = tokenizer.encode(context + choice)
-    head = tokenizer.encode(context.rstrip())
-    n = 0
-    while n < min(len(head), len(whole)) and head[n] == whole[n]:
-        n += 1
-    context_ids, choice_ids = whole[:n], whole[n:]
+    """(context ids, choice ids), lm-evaluation-harness's rule, so figures compare with the harness's: whitespace
+    that ends the context goes with the choice (BPEs attach a space to the word after it), the context ids are the
+    context's own tokens, and the choice ids are the tokens of context + choice past as many tokens as the context
+    has. Where the context's last token merges with the choice's first characters ('Fra' + 'nce.' encodes as
+    'France.'), the model reads the context's own tokens ('Fra'), and the merged token is not scored, only those
+    past the context's length. Char tokenizers split exactly at the boundary. An empty context becomes the
+    end-of-text token (lm-eval)."""
+    context_ids = tokenizer.encode(context.rstrip())
+    choice_ids = tokenizer.encode(context + choice)[len(context_ids):]
     if not choice_ids:
         raise TaskError(f'choice {choice!r} encodes to no tokens after its context: it cannot be scored')
     if not context_ids:

@@ -9,8 +9,8 @@ Sample from a trained model, or straight from GPT-2's weights:
     python sample.py --out_dir=out-shakespeare-char --interactive=True
     python sample.py --out_dir=out-chat --chat=True --temperature=0     # a conversation with a chat fine-tune
 
-The first sample streams to the terminal as it is generated; all samples are generated together, as the
-rows of one batch. `python sample.py --help` lists every setting.
+The first sample streams to the terminal as it is generated (but under a progress bar, which would draw over it);
+all samples are generated together, as the rows of one batch. `python sample.py --help` lists every setting.
 """
 import os
 import re
@@ -80,6 +80,9 @@ try:
 except ValueError as e:
     fail(e)
 source = out_dir if init_from == 'resume' else init_from
+if init_from == 'resume' and not os.path.exists(out_dir):
+    fail(f'--out_dir={out_dir} does not exist: pass --out_dir=FOLDER, the out_dir of a train.py run, or '
+         f'--init_from=gpt2 for GPT-2\'s weights')
 try:
     model, tokenizer_description, _ = load_model(source, device, which=checkpoint)
 except (CheckpointError, HFError) as e:
@@ -147,14 +150,19 @@ def run(prompt_text):
         if row == 0:
             print(text, end='', flush=True)
 
+    # a progress bar on a terminal redraws its line, where streamed text would be drawn over: then the first sample
+    # is printed whole once the bar is gone, like the others
+    streaming = not (progress and sys.stderr.isatty())
     t0 = time.time()
-    print(shown, end='', flush=True)
+    if streaming:
+        print(shown, end='', flush=True)
     with ctx:
         completions = generate_text(model, tokenizer, ids, num_samples, max_new_tokens, temperature, top_k or None,
                                     top_p, repetition_penalty, num_beams, length_penalty, stop_strings, use_cache,
-                                    on_text=stream, progress=progress)
-    print('\n---------------')
-    for completion in completions[1:]:
+                                    on_text=stream if streaming else None, progress=progress)
+    if streaming:
+        print('\n---------------')
+    for completion in completions[1:] if streaming else completions:
         print(shown + completion)
         print('---------------')
     if progress:
@@ -190,21 +198,27 @@ def input_lines(intro, prompt):
 def chat_loop():
     """A conversation: each line of input is a user turn, appended to the one KV cache the whole conversation is in
     (only its new tokens go through the model), and the reply runs to the end-of-turn token (or max_new_tokens,
-    whose reply is then closed with one). Once a turn and the room for its reply no longer fit block_size, the oldest
-    exchanges are dropped and what is left is fed again, as a new cache."""
+    whose reply is then closed with one). The room kept for a reply is max_new_tokens, at most half the context and
+    what the message leaves of it; a message leaving less than block_size // 8 is refused. Once a turn and the room for
+    its reply no longer fit block_size, the oldest exchanges are dropped and what is left is fed again, as a new
+    cache."""
     if not isinstance(tokenizer, ChatTokenizer):
         fail(f'{source} is not a chat model (its tokenizer has no chat template): fine-tune it on conversations '
              f'prepared by prepare_chat.py first')
-    room = min(max_new_tokens, block_size // 2)  # kept free for the reply
+    # the least room a message must leave for its reply; beyond it the reply gets what the message leaves, up to
+    # max_new_tokens and half the context (older exchanges are dropped to make that room)
+    least = max(1, min(max_new_tokens, block_size // 8))
     exchanges = []  # token ids of each user turn and its reply, as fed to the model
     decoder = None
     device = next(model.parameters()).device
     for message in input_lines('chat: type a message and press Enter; end with Ctrl-D', 'you> '):
         turn = (tokenizer.marker_ids['user'] + encode_text(message) + [tokenizer.end_id]
                 + tokenizer.marker_ids['assistant'])
-        if len(turn) + room > block_size:
-            print(f'note: that message has {len(turn)} tokens: with the room for a reply ({room}) it does not fit the '
-                  f"model's context of {block_size}; say it in fewer words", file=sys.stderr)
+        room = min(max_new_tokens, block_size // 2, block_size - len(turn))  # kept free for the reply
+        if room < least:
+            print(f"note: that message has {len(turn)} tokens (with the chat template's): the model's context of "
+                  f'{block_size} must keep {least} for a reply, so at most {block_size - least} fit; say it in fewer '
+                  f'words', file=sys.stderr)
             continue
         if sum(map(len, exchanges)) + len(turn) + room > block_size:
             while sum(map(len, exchanges)) + len(turn) + room > block_size:

@@ -196,8 +196,10 @@ class WordTokenizer(Tokenizer):
     - every other whitespace (spaces, tabs, '\r') only separates tokens and is dropped;
     - nothing else is changed: no lower-casing, no Unicode normalisation;
     - tokens outside the vocabulary become '<unk>' (id 0).
-    decode joins tokens with one space, with no spaces around newlines, so
-    decode(encode("Hi,  it's\tme.\r\nBye")) == "Hi , it ' s me .\nBye".
+    decode joins tokens with one space, but none around newlines, before closing punctuation (. , ; : ! ? ) ] }),
+    after opening brackets, nor around an apostrophe or a hyphen between two words (clitics and compounds: "thou'll",
+    "o'er-long"), so decode(encode("Hi,  it's\tme.\r\nBye")) == "Hi, it's me.\nBye" (a quote or a dash set off by
+    spaces comes back without them).
     Scripts without spaces (Chinese, Japanese) give one token per run of characters: use char or bpe there.
     """
     kind = 'word'
@@ -236,7 +238,11 @@ class WordTokenizer(Tokenizer):
 
     def _decode(self, ids):
         vocab = self.vocab
-        return re.sub(r' ?\n ?', '\n', ' '.join([vocab[i] for i in ids.tolist()]))
+        text = ' '.join([vocab[i] for i in ids.tolist()])
+        text = re.sub(r' ([.,;:!?)\]}])', r'\1', text)  # 'ROMEO :' -> 'ROMEO:'
+        text = re.sub(r'([(\[{]) ', r'\1', text)
+        text = re.sub(r"(\w) ([-']) (?=\w)", r'\1\2', text)  # "thou ' ll" -> "thou'll"
+        return re.sub(r' ?\n ?', '\n', text)
 
     def describe(self):
         return {'kind': 'word', 'vocab': self.vocab}

@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
-from checkpoint import (CHECKPOINT_NAME, CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state,
-                        load_weights, lock_out_dir, read_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
+from checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, checkpoint_model, is_hf_source, load_model,
+                        load_training_state, load_weights, lock_out_dir, read_checkpoint, restore, rng_state,
+                        save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, count_targets, dataset_dir, load_meta, open_mask,
                      open_split, sample_windows)
@@ -163,6 +164,22 @@ if init_from == 'resume':
     except ConfigError as e:
         fail(f'{out_dir}/checkpoint.json is damaged: its config says {e}')
     globals().update(config)
+elif init_from != 'scratch' and os.path.isfile(os.path.join(init_from, CHECKPOINT_NAME)):
+    # a fine-tune of one of our checkpoints starts from that run's training settings (its block size, batch,
+    # accumulation, optimizer, schedule), not from this file's GPT-2-scale defaults; what is given now wins. Not taken:
+    # where this run reads and writes and runs, and a speedrun's finish line
+    try:
+        base_run = read_checkpoint(init_from)
+        taken = inherit(config, base_run['config'], keep=('init_from', 'out_dir', 'dataset', 'eval_only', 'device',
+                                                           'backend', 'dist_timeout', 'target_val_loss', 'memory_limit'))
+    except CheckpointError as e:
+        fail(e)
+    except ConfigError as e:
+        fail(f'{init_from}/{CHECKPOINT_NAME} is damaged: its config says {e}')
+    globals().update(config)
+    if taken and master_process:
+        print(f"fine-tuning with the training settings of {init_from}'s run (--key=value overrides any): "
+              f"{', '.join(f'{key}={config[key]!r}' for key in taken)}")
 # -----------------------------------------------------------------------------
 
 
@@ -755,10 +772,11 @@ while True:
             iter_mfu = mfu(raw_model.flops_per_token(), tokens_per_iter, dt, device_peak, ddp_world_size)
             running_mfu = iter_mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * iter_mfu
             mfu_text = f', mfu {running_mfu * 100:.2f}%'
+        lr_text = f', lr {lr_factor * recovery.lr_scale * learning_rate:.2e}'  # AdamW's (Muon's goes the same way)
         if bar is not None:
-            bar.set_postfix_str(f'loss {lossf:.4f}, {tokens_per_sec:,.0f} tok/s{mfu_text}', refresh=False)
+            bar.set_postfix_str(f'loss {lossf:.4f}, {tokens_per_sec:,.0f} tok/s{mfu_text}{lr_text}', refresh=False)
         else:
-            print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}')
+            print(f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}{lr_text}')
         if metrics:
             metrics.log('step', iter_num, t1 - run_start, train_loss=lossf, lr=lr_factor * recovery.lr_scale * learning_rate,
                         grad_norm=grad_norm.item(), tokens_per_sec=round(tokens_per_sec),
@@ -776,13 +794,21 @@ while True:
     if stop:
         stop_run()
 
+if not eval_only and iter_num > start_iter and last_saved_iter != iter_num:
+    # no evaluation saved the last state (always_save_checkpoint=False, and none beat the best val loss): a run that
+    # trained never ends without a checkpoint to sample from or to continue
+    save()
 if bar is not None:
     bar.close()
 if metrics and plot:
     redraw_plot()
-if master_process and best_saved_iter is not None and best_saved_iter != last_saved_iter:
-    print(f'the best checkpoint (iteration {best_saved_iter}, val loss {best_val_loss:.4f}) is what sample.py and eval.py '
-          f'read; --init_from=resume continues from the latest (iteration {last_saved_iter})')
+if master_process and not eval_only and last_saved_iter is not None:
+    if best_saved_iter is not None and best_saved_iter != last_saved_iter:
+        print(f'the best checkpoint (iteration {best_saved_iter}, val loss {best_val_loss:.4f}) is what sample.py and '
+              f'eval.py read; --init_from=resume continues from the latest (iteration {last_saved_iter})')
+    elif not os.path.exists(os.path.join(out_dir, BEST_NAME)):
+        print(f'no evaluation beat the first val loss ({best_val_loss:.4f}), so there is no best checkpoint: sample.py, '
+              f'eval.py and --init_from=resume all read the latest (iteration {last_saved_iter})')
 memory.enter(None)
 if ddp or device_type == 'cuda':  # every process's, by phase: what DDP and FSDP differ in (bench_memory.py)
     phases = processes.gather(memory.peaks)

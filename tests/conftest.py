@@ -48,6 +48,47 @@ def run(script, *args, check=True, env=None, timeout=600, stdin=None):
     return proc
 
 
+def run_in_terminal(script, *args, columns=120, timeout=300):
+    """Run a repository script with its stdout and stderr on one pseudo-terminal, columns wide, as a user's terminal
+    holds them; return its exit code and what the terminal received, as text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=script_env(),
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b''
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other end closed: the script is over
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    return proc.wait(timeout=timeout), output.decode('utf-8', 'replace')
+
+
+def screen(output):
+    """The lines a terminal shows after receiving output: '\r' returns to the line's start, and what follows is
+    written over what was there (a progress bar redraws its line so)."""
+    lines, line, column = [], [], 0
+    for char in output:
+        if char == '\n':
+            lines.append(''.join(line).rstrip())
+            line, column = [], 0
+        elif char == '\r':
+            column = 0
+        else:
+            line[column:column + 1] = [char]
+            column += 1
+    return lines + [''.join(line).rstrip()]
+
+
 def torchrun(nproc, script, *args, timeout=600, env=None, check=True):
     """Run a repository script in nproc processes on this machine (torchrun, CPU: the gloo backend)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', script, *map(str, args)]

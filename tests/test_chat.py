@@ -212,6 +212,19 @@ def test_replies_cut_at_max_new_tokens_are_closed_and_a_message_too_long_is_refu
     assert proc.stdout.splitlines() == expected and all(len(reply) == 5 for reply in expected)
 
 
+def test_a_long_message_gets_the_room_it_leaves_for_its_reply(tuned):
+    """A message of 38 tokens (35 characters and the template's 3) in a context of 64: the reply gets the 26 it leaves
+    (at least block_size // 8 must be left), not half the context. (Before: max_new_tokens of 32 were reserved, and
+    the message was refused.)"""
+    message = 'Sea colour? Sea colour? Sea colour?'
+    proc = run('sample.py', f'--out_dir={tuned / "whole"}', '--chat=True', '--temperature=0', '--device=cpu',
+               '--max_new_tokens=32', stdin=message + '\n')
+    assert 'that message has' not in proc.stderr, proc.stderr
+    model, description, _ = load_model(tuned / 'whole')
+    [reply] = reference_chat(model.eval(), load_tokenizer(description), [message], 64 - 38)
+    assert proc.stdout.splitlines() == [reply] and reply  # it ended its turn within the room
+
+
 def test_resume_of_a_chat_fine_tune_continues_exactly(tuned):
     (whole_ckpt, whole), (split_ckpt, split) = final_weights(tuned / 'whole'), final_weights(tuned / 'split')
     assert whole_ckpt['iter_num'] == split_ckpt['iter_num'] == 80

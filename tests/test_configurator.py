@@ -64,6 +64,12 @@ def test_help_lists_every_key_with_default_and_comment():
     assert '--batch_size' in proc.stdout and '= 12' in proc.stdout
     assert 'micro-batch size' in proc.stdout
     assert '--learning_rate' in proc.stdout and '--init_from' in proc.stdout
+    # module constants, imported (PLOT_NAME, TOKENIZER_FILE) or the script's own (AUTO_VAL_BYTES), are no settings
+    prepare_help = run('prepare.py', '--help').stdout
+    for name in ('PLOT_NAME', 'TOKENIZER_FILE', 'METRICS_NAME', 'AUTO_VAL_BYTES'):
+        assert name not in proc.stdout + prepare_help
+    assert '--val_fraction' in prepare_help
+    assert_clean_error(run('train.py', '--PLOT_NAME=x.png', check=False), "unknown config key 'PLOT_NAME'")
 
 
 def test_explicit_settings_and_inheriting_a_saved_run(tmp_path):

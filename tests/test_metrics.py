@@ -4,6 +4,7 @@ autosaves between evaluations; samples at evaluations that leave training untouc
 import json
 import struct
 
+import pytest
 import torch
 
 from checkpoint import read_checkpoint
@@ -36,6 +37,11 @@ def test_metrics_log_records_what_train_printed_and_a_resume_continues_the_curve
     printed = {int(l.split()[1][:-1]): float(l.split()[3][:-1]) for l in (first.stdout + resumed.stdout).splitlines()
                if l.startswith('iter ')}
     assert all(round(r['train_loss'], 4) == printed[r['iter']] for r in steps)
+    # the log shows the learning rate of each step: warmup over 5 steps to 3e-3 (TINY_TRAIN), iteration n taking step
+    # n - 1's, (n - 1 + 1) / 6 of it; then the cosine, over lr_decay_iters=600,000, has barely begun
+    lrs = {int(l.split()[1][:-1]): float(l.split('lr ')[1]) for l in first.stdout.splitlines() if l.startswith('iter ')}
+    assert lrs == pytest.approx({2: 1e-3, 4: 2e-3, 6: 3e-3, 8: 3e-3}, rel=1e-3)
+    assert all(r['lr'] == pytest.approx(lrs[r['iter']], rel=1e-3) for r in steps if r['iter'] in lrs)
     times = [r['time'] for r in records]
     assert times == sorted(times) and all(r['lr'] > 0 and r['tokens_per_sec'] > 0 for r in steps)
     assert all(r['val_bits_per_byte'] > 0 for r in evals)
@@ -159,29 +165,10 @@ def test_early_stopping_patience_and_overfitting(char_dataset, tmp_path):
 def test_a_progress_bar_on_a_terminal_and_plain_lines_otherwise(char_dataset, tmp_path):
     """On a terminal: one bar (iterations, time left, loss, tokens/s) with the evaluations' lines above it and no
     line per iteration; into a pipe or a file (as everywhere else in these tests): the greppable lines."""
-    import os
-    import pty
-    import subprocess
-    import sys
-    from conftest import ROOT
-    import fcntl
-    import termios
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))  # a terminal 120 columns wide
-    proc = subprocess.Popen([sys.executable, 'train.py', f'--dataset={char_dataset}', f'--out_dir={tmp_path / "tty"}',
-                             *TINY_TRAIN, '--max_iters=8', '--eval_interval=4'], cwd=ROOT, stdout=slave, stderr=slave)
-    os.close(slave)
-    output = b''
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the other end closed: the run is over
-            break
-        if not chunk:
-            break
-        output += chunk
-    assert proc.wait(timeout=120) == 0
-    text = output.decode('utf-8', 'replace')
+    from conftest import run_in_terminal
+    code, text = run_in_terminal('train.py', f'--dataset={char_dataset}', f'--out_dir={tmp_path / "tty"}', *TINY_TRAIN,
+                                 '--max_iters=8', '--eval_interval=4')
+    assert code == 0, text
     assert '8/8' in text and ('it/s' in text or 's/it' in text)
     assert 'loss ' in text and 'tok/s' in text and 'step 4: train loss' in text and 'step 8: train loss' in text
     assert '\niter 5: loss' not in text.replace('\r', '\n')

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from checkpoint import load_model
 from conftest import TINY_TRAIN, assert_clean_error, run, run_all
-from hf_gpt2 import export_gpt2
+from hf_gpt2 import export_model
 from model import GPT, GPTConfig
 from multiple_choice import (Item, TaskError, accuracies, arc_item, choice_logprobs, encode_pair, fewshot_context,
                              hellaswag_item, load_task, piqa_item, shot_indices)
@@ -22,23 +22,28 @@ pytestmark = pytest.mark.usefixtures('torch_threads_here', 'hub_offline')
 CORPUS = [f"Question: what does {who} say, {n} times? Answer: Shall I compare thee to a summer's day.\n"
           f"Привет, мир! Naïve café.\n\n" for n in range(30) for who in ('ROMEO', 'JULIET', 'the fool')]
 # a hand-written task for a BPE: choices start with their space, one context ends with one (tokens must still
-# split where transformers' context tokens end), one is in Cyrillic, and the last is longer than block_size
+# split where transformers' context tokens end), one is in Cyrillic, one ends mid-word, so that its last token merges
+# with the choice's first characters ('sum' + 'mer'), and the last is longer than block_size
 BPE_TASK = [
     Item('Question: what does ROMEO say? Answer:', [' Shall I compare thee', ' Naïve café', ' 12 times'], 0),
     Item('Question: what does the fool say? Answer: ', ['Привет, мир!', 'Shall I', 'summer'], 2),
     Item('Привет,', [' мир!', ' café', ' day'], 0),
+    Item('Shall I compare thee to a sum', ["mer's day", 'mit', ' fool'], 0),
     Item('ROMEO: ' * 12 + 'Shall I compare thee to a', [" summer's day", ' winter', ' fool'], 0),
 ]
 BLOCK = 32
 
 
 def hf_reference(folder, items):
-    """Each choice's log-likelihood by transformers alone, lm-evaluation-harness's way: the choice's tokens are
-    those of context + choice past the context's own tokens (after moving the context's trailing whitespace onto
-    the choice), and the sequence keeps its last block_size + 1 tokens."""
+    """Each choice's log-likelihood by transformers alone, lm-evaluation-harness's way (its _encode_pair and
+    _loglikelihood_tokens): after moving the context's trailing whitespace onto the choice, the choice's tokens are
+    those of context + choice past as many tokens as the context alone has, read after the context's own tokens (so
+    where the context's last token merges with the choice's first characters, the merged token is not scored), and
+    the sequence keeps its last block_size + 1 tokens. Also returns (context ids, choice ids) of each choice, and how
+    many of them had such a merge."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
     hf, tok = GPT2LMHeadModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    scores, splits = [], []
+    scores, splits, merged = [], [], 0
     for item in items:
         context = item.context.rstrip()
         row = []
@@ -46,15 +51,15 @@ def hf_reference(folder, items):
             choice = item.context[len(context):] + choice
             head = tok(context, add_special_tokens=False)['input_ids']
             whole = tok(context + choice, add_special_tokens=False)['input_ids']
-            assert whole[:len(head)] == head
+            merged += whole[:len(head)] != head
             tail = whole[len(head):]
             splits.append((head, tail))
-            seq = whole[-(BLOCK + 1):]
+            seq = (head + tail)[-(BLOCK + 1):]
             with torch.no_grad():
                 logprobs = F.log_softmax(hf(torch.tensor([seq[:-1]])).logits[0].double(), dim=-1)
             row.append(sum(logprobs[len(seq) - 1 - len(tail) + k, t].item() for k, t in enumerate(tail)))
         scores.append(row)
-    return scores, splits
+    return scores, splits, merged
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +74,7 @@ def exported(tmp_path_factory):
         model.lm_head.weight.mul_(10)
         model.lm_head.weight[bpe.vocab_size:] += 2.0
     folder = tmp_path_factory.mktemp('mc') / 'hf'
-    assert export_gpt2(model, bpe.describe(), str(folder)) == []
+    assert export_model(model, bpe.describe(), str(folder)) == []
     task = folder.parent / 'bpe_task.jsonl'
     task.write_text(''.join(json.dumps(item._asdict(), ensure_ascii=False) + '\n' for item in BPE_TASK), encoding='utf-8')
     return folder, task, model, bpe
@@ -101,7 +106,8 @@ def test_choice_log_likelihoods_equal_transformers(exported):
     """Through checkpoint.load_model of the export, and the model in memory (padded vocabulary), batched 3 at a
     time over rows of different lengths: the same tokens and log-likelihoods as transformers computes alone."""
     folder, _, original, bpe = exported
-    theirs, their_splits = hf_reference(folder, BPE_TASK)
+    theirs, their_splits, merged = hf_reference(folder, BPE_TASK)
+    assert merged >= 2  # 'sum' + "mer's day" and 'sum' + 'mit' (before, we scored the merged token: 'summ')
     model, description, _ = load_model(str(folder))
     tokenizer = load_tokenizer(description, str(folder))
     theirs = sum(theirs, [])
@@ -221,7 +227,7 @@ def test_eval_py_on_a_checkpoint_and_an_export(exported, char_dataset, tmp_path)
             row.append(sum(logprobs[k - 1, ids[k]].item() for k in range(start, len(ids))))
         plain.append(row)
         tokens.append([len(item.context + c) - start for c in item.choices])
-    theirs, splits = hf_reference(folder, BPE_TASK)
+    theirs, splits, _ = hf_reference(folder, BPE_TASK)
     tails = iter(len(tail) for _, tail in splits)
     their_tokens = [[next(tails) for _ in item.choices] for item in BPE_TASK]
     for proc, items, scores, counts in ((char_proc, char_items, plain, tokens), (hf_proc, BPE_TASK, theirs, their_tokens)):

@@ -67,6 +67,18 @@ def test_greedy_sample_is_the_models_argmax_and_interactive_matches(trained, loa
     assert inter.stdout == proc.stdout + greedy_reference(*loaded, 'JULIET:', 20) + SEPARATOR
 
 
+def test_a_progress_bar_on_a_terminal_leaves_the_samples_whole(trained, loaded):
+    """--progress=True on a terminal: the bar (on stderr) redraws its line, so the first sample is not streamed under
+    it but printed, whole, once the bar is gone. (Before, the bar overwrote the streamed text, leaving a stray letter
+    per redraw, and with one sample the user saw no text at all.)"""
+    from conftest import run_in_terminal, screen
+    code, output = run_in_terminal('sample.py', f'--out_dir={trained[0]}', '--device=cpu', '--progress=True',
+                                   '--start=ROMEO:', '--temperature=0', '--num_samples=1', '--max_new_tokens=20')
+    assert code == 0, output
+    shown = '\n'.join(screen(output.replace('\r\n', '\n')))
+    assert greedy_reference(*loaded, 'ROMEO:', 20) + SEPARATOR in shown + '\n', shown
+
+
 def test_seed_reproduces_a_batch_of_samples(trained):
     out, _ = trained
     args = ['--start=JULIET:', '--num_samples=3', '--max_new_tokens=40', '--temperature=1.0', '--progress=True']
@@ -108,7 +120,9 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path):
         (base + ['--top_p=1.5'], ('top_p=1.5', '(0, 1]')),
         (base + ['--temperature=-0.5'], ('temperature=-0.5', 'negative')),
         (base + ['--num_beams=0'], ('num_beams=0',)),
-        (base + [f'--out_dir={tmp_path / "missing"}'], ('does not exist',)),
+        # the setting to change is named (before: "... missing does not exist: pass a checkpoint folder ...")
+        (base + [f'--out_dir={tmp_path / "missing"}'], (f'--out_dir={tmp_path / "missing"} does not exist',)),
+        (['eval.py', f'--out_dir={tmp_path / "missing"}'], (f'--out_dir={tmp_path / "missing"} does not exist',)),
         (base + [f'--out_dir={incomplete}'], ('missing', 'incomplete')),
         (base + ['--start=FILE:no/such/prompt.txt'], ('no/such/prompt.txt', 'not found')),
         (['eval.py', f'--out_dir={out}', '--device=cpu', f'--text={tmp_path / "none.txt"}'], ('none.txt', 'not found')),

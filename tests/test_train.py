@@ -115,6 +115,37 @@ def test_init_from_a_checkpoint_folder_fine_tunes_its_weights(char_dataset, tmp_
     assert read_checkpoint(tuned)['iter_num'] == 4 and (base / 'checkpoint.json').read_text() == saved
     assert_clean_error(train(char_dataset, tmp_path / 'x', f'--init_from={base}', '--block_size=64', check=False),
                        'block_size=64 is larger than', '--block_size=32')
+    # a fine-tune that never improves on its first val loss (learning rate 0), saving only improvements, still ends with
+    # a checkpoint of its last state, and says which is which (before: none at all, exit code 0)
+    still = tmp_path / 'still'
+    proc = train(char_dataset, still, f'--init_from={base}', '--max_iters=4', '--eval_interval=2',
+                 '--always_save_checkpoint=False', '--learning_rate=0', '--min_lr=0')
+    assert len(set(val_losses(proc.stdout))) == 1 and read_checkpoint(still)['iter_num'] == 4
+    assert not (still / 'best.json').exists() and 'no evaluation beat the first val loss' in proc.stdout
+    assert load_model(still)[2]['iter_num'] == 4  # what sample.py and eval.py read
+
+
+def test_the_fine_tune_command_prepare_chat_prints_works_as_printed(char_dataset, tmp_path):
+    """prepare_chat.py prints the train.py command to run next; run as printed (no settings), the fine-tune takes the
+    base run's training settings, not train.py's GPT-2-scale defaults (before: block_size=1024, 491,520 tokens per
+    iteration, and 'train.bin holds ... tokens, too few for block_size=1024')."""
+    import subprocess
+    import sys
+    from conftest import ROOT, script_env
+    base = tmp_path / 'base'
+    train(char_dataset, base, '--max_iters=4', '--eval_interval=4')
+    chats = tmp_path / 'chats.jsonl'
+    chats.write_text(''.join(json.dumps({'messages': [{'role': 'user', 'content': f'Shall I compare thee, {i}?'},
+                                                      {'role': 'assistant', 'content': 'Thou art more lovely.'}]}) + '\n'
+                             for i in range(20)), encoding='utf-8')
+    printed = run('prepare_chat.py', f'--input={chats}', f'--tokenizer_from={base}', f'--out_dir={tmp_path / "chat"}').stdout
+    command = printed.strip().splitlines()[-1].split(': ', 1)[1].split()
+    assert command[:2] == ['python', 'train.py'], printed
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *command[2:]], cwd=tmp_path, env=script_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert 'tokens per iteration will be: 256' in proc.stdout  # TINY_TRAIN's batch of 8 x 32
+    assert "block_size=32" in proc.stdout and (tmp_path / f'out-chat' / 'checkpoint.json').exists()
 
 
 def test_eval_only_evaluates_a_resumed_checkpoint_without_training(char_dataset, tmp_path):
