@@ -32,7 +32,7 @@ import torch
 
 from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
-from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta,
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, check_split, dataset_dir, decode_utf8, load_meta,
                      normalize_unicode, open_mask, open_split, sample_windows, unicode_form)
 from generate import generate_tokens
 from hf_gpt2 import HFError
@@ -153,6 +153,7 @@ def split_tokens(entry, tokenizer, ckpt):
     folder = dataset_dir(name)
     try:
         meta = load_meta(folder)
+        check_split(folder, split, meta)
         data = open_split(folder, split, meta)
         mask = open_mask(folder, split, meta)
     except DatasetError as e:

@@ -14,6 +14,7 @@ with one table at the end.
 | disk full at spread points of writing | the folder is byte for byte as before (in-process, a byte budget on the files) |
 | Ctrl-C or SIGTERM | a checkpoint of that iteration; resuming from it gives the uninterrupted run's weights |
 | damaged or crafted checkpoint files | one line naming the problem, at once, without a large allocation |
+| damaged or crafted datasets (meta.json, the .bin files, tokenizer.json) | one line naming the file and the field, at once |
 | bad settings | one line and exit code 2, never a traceback |
 
 A full disk is imitated two ways: for whole scripts, a file-size limit (RLIMIT_FSIZE, Linux or macOS), which
@@ -445,6 +446,104 @@ RESUME_DAMAGE = {
     'optimizer file missing': lambda folder: os.remove(os.path.join(folder, named_file(folder, 'optimizer_file'))),
 }
 
+def edit_meta(change):
+    """A damage: change(meta) edits the dataset's meta.json, as a dict."""
+    def damage(folder):
+        path = os.path.join(folder, 'meta.json')
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+        change(meta)
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(meta, f)
+    return damage
+
+
+def replace_with_folder(name):
+    def damage(folder):
+        os.remove(os.path.join(folder, name))
+        os.mkdir(os.path.join(folder, name))
+    return damage
+
+
+def cut_file(name, keep):
+    """A damage: the file name cut to its first keep bytes."""
+    def damage(folder):
+        with open(os.path.join(folder, name), 'r+b') as f:
+            f.truncate(keep)
+    return damage
+
+
+def with_tokenizer_file(data):
+    """A damage: the meta names a tokenizer.json, and the file holds data."""
+    def damage(folder):
+        edit_meta(lambda m: m['tokenizer'].update(tokenizer_file='tokenizer.json'))(folder)
+        write_file('tokenizer.json', data)(folder)
+    return damage
+
+
+def nested(depth):
+    return ('[' * depth + ']' * depth).encode()
+
+
+# damage to a prepared dataset (a char dataset of uint16 ids; chat datasets hold masks too): name -> damage
+DATASET_DAMAGE = {
+    'meta.json not JSON': write_file('meta.json', b'{"tokenizer": {"kind": "ch'),
+    'meta.json empty': write_file('meta.json', b''),
+    'meta.json not UTF-8': write_file('meta.json', '{"dtype": "uint16", "x": "ol\u00e1"}'.encode('latin-1')),
+    'meta.json a list': write_file('meta.json', b'[1, 2, 3]'),
+    'meta.json nested 100,000 deep': write_file('meta.json', nested(100_000)),
+    'meta.json a 5,000-digit number': write_file('meta.json', b'{"vocab_size": ' + b'9' * 5000 + b'}'),
+    'meta.json a directory': replace_with_folder('meta.json'),
+    'no dtype': edit_meta(lambda m: m.pop('dtype')),
+    'no tokenizer': edit_meta(lambda m: m.pop('tokenizer')),
+    'no vocab_size': edit_meta(lambda m: m.pop('vocab_size')),
+    'dtype object': edit_meta(lambda m: m.update(dtype='object')),
+    'dtype float64': edit_meta(lambda m: m.update(dtype='float64')),
+    'dtype evil': edit_meta(lambda m: m.update(dtype='evil')),
+    'dtype of the wrong width': edit_meta(lambda m: m.update(dtype='uint32')),
+    'vocab_size 1e12': edit_meta(lambda m: m.update(vocab_size=1e12)),
+    'vocab_size 10**12': edit_meta(lambda m: m.update(vocab_size=10**12)),
+    'vocab_size a string': edit_meta(lambda m: m.update(vocab_size='65')),
+    'vocab_size below the ids': edit_meta(lambda m: m.update(vocab_size=3)),
+    'bytes_per_token a string': edit_meta(lambda m: m.update(bytes_per_token='1.0')),
+    'val_tokens a string': edit_meta(lambda m: m.update(val_tokens='100')),
+    'val_tokens negative': edit_meta(lambda m: m.update(val_tokens=-1)),
+    'tokenizer a string': edit_meta(lambda m: m.update(tokenizer='char')),
+    'tokenizer of no kind': edit_meta(lambda m: m.update(tokenizer={'kind': 'evil'})),
+    'chat a string': edit_meta(lambda m: m.update(chat='yes')),
+    'train.bin empty': write_file('train.bin', b''),
+    'train.bin a directory': replace_with_folder('train.bin'),
+    'train.bin of an odd size': cut_file('train.bin', 1001),
+    'train.bin shorter than meta.json says': cut_file('train.bin', 1000),
+    'tokenizer.json random bytes': with_tokenizer_file(random.Random(0).randbytes(100_000)),
+    'tokenizer.json a JSON list': with_tokenizer_file(b'[1, 2]'),
+    'tokenizer.json outside the folder': edit_meta(lambda m: m['tokenizer'].update(tokenizer_file='../x.json')),
+}
+# damage to a chat dataset's masks
+CHAT_DATASET_DAMAGE = {
+    'train.mask.bin shorter than train.bin': cut_file('train.mask.bin', 10),
+    'val.mask.bin missing': lambda folder: os.remove(os.path.join(folder, 'val.mask.bin')),
+    'val.mask.bin a directory': replace_with_folder('val.mask.bin'),
+}
+
+
+def damaged_datasets(lab):
+    """Each DATASET_DAMAGE met by train.py, a few at a time: [(name, one clean line?, seconds, message)]."""
+    results, names = [], list(DATASET_DAMAGE)
+    for i in range(0, len(names), 2):
+        started = []
+        for name in names[i:i + 2]:
+            folder = lab.out(f'dataset-{len(results) + len(started)}')
+            shutil.copytree(lab.data, folder)
+            DATASET_DAMAGE[name](folder)
+            started.append((name, time.time(), script('train.py', f'--dataset={folder}', f'--out_dir={folder}-out',
+                                                      *TRAIN, '--max_iters=2')))
+        for name, t0, proc in started:
+            code, _, err = finish(proc, timeout=60)
+            results.append((name, one_line_error(code, err), time.time() - t0, err.strip()))
+    return results
+
+
 # settings that must each give one line and exit code 2: (script, arguments, a fragment of the message)
 BAD_SETTINGS = [
     ('train.py', ['--eval_interval=0'], 'eval_interval'),
@@ -523,6 +622,9 @@ def main(argv):
         damaged = damaged_checkpoints(lab)
         row('damaged or crafted checkpoints', len(damaged),
             f"one clean line {sum(r[1] for r in damaged)}; slowest {max(r[2] for r in damaged):.1f} s")
+        datasets = damaged_datasets(lab)
+        row('damaged or crafted datasets', len(datasets),
+            f"one clean line {sum(r[1] for r in datasets)}; slowest {max(r[2] for r in datasets):.1f} s")
         swept = bad_settings(lab)
         row('bad settings', len(swept), f"one clean line, exit 2: {sum(r[2] for r in swept)}")
     width = max(len(r[0]) for r in rows)
@@ -532,6 +634,9 @@ def main(argv):
     for name, ok, _, message in damaged:
         if not ok:
             print(f'damaged checkpoint {name!r}: {message[-300:]}')
+    for name, ok, _, message in datasets:
+        if not ok:
+            print(f'damaged dataset {name!r}: {message[-300:]}')
     for name, args, ok, message in swept:
         if not ok:
             print(f"{name} {' '.join(args)}: {message[-300:]}")

@@ -29,8 +29,8 @@ from atomic_write import atomic_write_bytes
 from checkpoint import (CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state, load_weights,
                         lock_out_dir, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
-from dataset import (DatasetError, bits_per_byte, bytes_per_token, count_targets, dataset_dir, load_meta, open_mask,
-                     open_split, sample_windows)
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, check_split, count_targets, dataset_dir, load_meta,
+                     open_mask, open_split, sample_windows)
 from generate import generate_text
 from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
@@ -226,7 +226,7 @@ data_dir = dataset_dir(dataset)
 meta, data_error = None, None
 try:
     meta = load_meta(data_dir)
-    split_lengths = {split: len(open_split(data_dir, split, meta)) for split in ('train', 'val')}
+    split_lengths = {split: check_split(data_dir, split, meta) for split in ('train', 'val')}
 except DatasetError as e:
     data_error = str(e)
 fail_together(data_error)
