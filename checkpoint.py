@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from atomic_write import atomic_write_bytes, atomic_write_json, fsync_dir
+from atomic_write import atomic_write_bytes, atomic_write_json, fsync_dir, remove_dead_temporaries
 from hf_gpt2 import GPT2_NAMES, load_gpt2
 from model import GPT, GPTConfig
 from parallel import copy_local, like, local_rows
@@ -41,7 +41,6 @@ CHECKPOINT_NAME = 'checkpoint.json'
 BEST_NAME = 'best.json'
 LOCK_NAME = '.lock'
 WEIGHT_FILE = re.compile(r'^(model|optimizer)-\d{7}(-\d+)?\.safetensors$')
-TEMPORARY = re.compile(r'^((model|optimizer)-\d{7}(-\d+)?\.safetensors|checkpoint\.json|best\.json)\.tmp(\d+)$')
 
 
 class CheckpointError(Exception):
@@ -176,18 +175,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def _process_alive(pid):
-    if os.name == 'nt':
-        return True  # Windows refuses to delete a file another process has open: removal fails harmlessly
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _unused_name(prefix, iter_num, taken):
     """prefix-<iter>.safetensors, or with -1, -2, ... when the current checkpoint already uses that name."""
     name, n = f'{prefix}-{iter_num:07d}.safetensors', 0
@@ -258,13 +245,12 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_ar
     # temporaries of killed saves
     keep = _named_files(out_dir) | {model_file, optimizer_file}
     for name in os.listdir(out_dir):
-        temporary = TEMPORARY.match(name)
-        if (WEIGHT_FILE.match(name) and name not in keep) or (
-                temporary and int(temporary.group(4)) != os.getpid() and not _process_alive(int(temporary.group(4)))):
+        if WEIGHT_FILE.match(name) and name not in keep:
             try:
                 os.remove(os.path.join(out_dir, name))
             except OSError:
                 pass  # a reader has it open (Windows), or it is already gone: the next save tries again
+    remove_dead_temporaries(out_dir, lambda name: bool(WEIGHT_FILE.match(name)) or name in (CHECKPOINT_NAME, BEST_NAME))
 
 
 # ---------------------------------------------------------------------------- reading

@@ -23,7 +23,7 @@ import unicodedata
 
 import numpy as np
 
-from atomic_write import atomic_write_bytes, fsync_dir
+from atomic_write import atomic_write_bytes, fsync_dir, remove_dead_temporaries
 from tokenizer import KINDS, TOKENIZER_FILE
 
 META_NAME = 'meta.json'
@@ -59,6 +59,8 @@ class DatasetWriter:
         self.dtype = np.dtype(token_dtype(tokenizer.vocab_size))
         self.tokens = dict.fromkeys(self.SPLITS, 0)
         self._temporaries = {}  # final path -> its temporary
+        # what a killed writer left (SIGTERM or SIGKILL skip the cleaning in __exit__)
+        remove_dead_temporaries(folder, lambda name: name in (META_NAME, TOKENIZER_FILE) or name.endswith('.bin'))
         self._files = {}
         for split in self.SPLITS:
             self._files[split] = open(self._temporary(f'{split}.bin'), 'wb')
