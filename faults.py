@@ -401,6 +401,29 @@ def named_file(folder, key):
         return json.load(f)[key]
 
 
+def flip_bit(folder):
+    """One bit of the weights flipped: the top exponent bit of the first float32 of the data (1.0 becomes inf)."""
+    path = os.path.join(folder, named_file(folder, 'model_file'))
+    with open(path, 'r+b') as f:
+        start = 8 + int.from_bytes(f.read(8), 'little')
+        f.seek(start + 3)  # little-endian float32: its 4th byte holds the sign and the top exponent bits
+        byte = f.read(1)[0]
+        f.seek(start + 3)
+        f.write(bytes([byte ^ 0x40]))
+
+
+def not_finite_weights(folder):
+    """A valid safetensors file of the right shapes whose weights are all NaN, with its checksum recomputed (a crafted
+    file, or one saved by a tool that does not check)."""
+    import hashlib
+    from safetensors.torch import save_file
+    ckpt, tensors = weights(folder)
+    save_file({k: torch.full_like(v, float('nan')) for k, v in tensors.items()}, os.path.join(folder, ckpt['model_file']))
+    with open(os.path.join(folder, ckpt['model_file']), 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    edit_json(lambda c: c.update(model_sha256=digest))(folder)
+
+
 def wrong_shape(folder):
     from safetensors.torch import save_file
     ckpt, tensors = weights(folder)
@@ -413,6 +436,16 @@ def without_rng(folder):
     from safetensors.torch import save_file
     path = os.path.join(folder, named_file(folder, 'optimizer_file'))
     save_file({k: v for k, v in load_file(path).items() if not k.startswith('rank')}, path)
+    edit_json(lambda c: c.pop('optimizer_sha256', None))(folder)  # as a tool that records none would leave it
+
+
+def with_rng(folder, tensor):
+    """The optimizer file with rank 0's torch generator state replaced by tensor (its checksum dropped: a file of
+    a tool that records none)."""
+    from safetensors.torch import save_file
+    path = os.path.join(folder, named_file(folder, 'optimizer_file'))
+    save_file(dict(load_file(path), **{'rank0.torch': tensor}), path)
+    edit_json(lambda c: c.pop('optimizer_sha256', None))(folder)
 
 
 DAMAGE = {
@@ -437,6 +470,10 @@ DAMAGE = {
     'iter_num a string': edit_json(lambda c: c.update(iter_num='10')),
     'config missing': edit_json(lambda c: c.pop('config')),
     'best.json truncated': write_file('best.json', b'{"model_file": "mo'),
+    'nested 100,000 deep': write_file('checkpoint.json', b'{"model_file": ' + b'[' * 100_000 + b']' * 100_000 + b'}'),
+    'a 5,000-digit integer': write_file('checkpoint.json', b'{"iter_num": ' + b'7' * 5000 + b'}'),
+    'a flipped exponent bit': flip_bit,
+    'weights all NaN': not_finite_weights,
 }
 # damage only a resume meets (sampling needs neither the optimizer nor the random generators)
 RESUME_DAMAGE = {
@@ -444,6 +481,11 @@ RESUME_DAMAGE = {
     'process states not a list': edit_json(lambda c: c['training_state'].update(ranks='rank0')),
     'optimizer groups missing': edit_json(lambda c: c['optimizer'].pop('param_groups')),
     'optimizer file missing': lambda folder: os.remove(os.path.join(folder, named_file(folder, 'optimizer_file'))),
+    'evals_since_best a string': edit_json(lambda c: c['training_state'].update(evals_since_best='x')),
+    'data_rng of another generator': edit_json(lambda c: c['training_state']['ranks'][0].update(
+        data_rng=__import__('numpy').random.PCG64DXSM(0).state)),
+    'a random generator of the wrong size': lambda folder: with_rng(folder, torch.zeros(7, dtype=torch.uint8)),
+    'a random generator of the wrong dtype': lambda folder: with_rng(folder, torch.zeros(5056, dtype=torch.float32)),
 }
 
 def edit_meta(change):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
 from checkpoint import (CheckpointError, checkpoint_model, is_hf_source, load_model, load_training_state, load_weights,
-                        lock_out_dir, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                        lock_out_dir, read_checkpoint, resumed_best_val_loss, rng_state, save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, check_split, count_targets, dataset_dir, load_meta,
                      open_mask, open_split, sample_windows)
@@ -297,7 +297,7 @@ elif init_from == 'resume':
     if saved_optimizer != optimizer:
         fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
     iter_num = resumed['iter_num']
-    best_val_loss = resumed['best_val_loss']
+    best_val_loss = resumed_best_val_loss(out_dir, resumed)
     changed = [f'{key} {value!r} -> {config[key]!r}' for key, value in resumed['config'].items()
                if key != 'init_from' and key in config and config[key] != value]
     if changed and master_process:
