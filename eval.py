@@ -91,8 +91,8 @@ if shots < 0 or max_examples < 0:
     fail('shots and max_examples must not be negative')
 if (task_split or shots_from) and not task:
     fail('task_split and shots_from go with --task')
-if samples < 0 or sample_tokens < 1 or not temperature > 0 or memorization_mb < 0:
-    fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive')
+if samples < 0 or sample_tokens < 1 or not 0 < temperature < math.inf or memorization_mb < 0:
+    fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive and finite')
 try:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

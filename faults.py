@@ -24,6 +24,7 @@ fault a few times.
 """
 import contextlib
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -607,6 +608,11 @@ BAD_SETTINGS = [
     ('train.py', ['--out_dir=/proc/version/out'], 'out_dir'),
     ('sample.py', ['--device=cuda'], 'no CUDA GPU'),
     ('eval.py', ['--device=cuda'], 'no CUDA GPU'),
+    ('train.py', ['--seed=-1'], 'seed=-1 must not be negative'),
+    ('train.py', ['--learning_rate=1e38'], 'learning_rate=1e+38 must be a number of at most 1e+06'),
+    ('train.py', ['--threads=100000'], 'threads=100000 is more than 4 per core'),
+    *([('train.py', ['--wandb_log=True'], 'wandb_log=True needs wandb')] if importlib.util.find_spec('wandb') is None
+      else []),
 ]
 
 

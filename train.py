@@ -14,6 +14,7 @@ A model whose training state does not fit one GPU: the same commands with --para
 `python train.py --help` lists every setting.
 """
 import dataclasses
+import importlib.util
 import math
 import os
 import signal
@@ -153,6 +154,9 @@ if init_from == 'resume':
 # -----------------------------------------------------------------------------
 
 
+MAX_LEARNING_RATE = 1e6  # far above any that trains; Adam's first step, learning_rate / (1 - beta1), overflows float32 near 3e37
+
+
 def check_settings():
     """One line and exit code 2 for settings that would crash later or train nonsense (the model's own are
     checked by GPTConfig)."""
@@ -161,9 +165,18 @@ def check_settings():
             fail(f'{key}={config[key]} must be at least 1')
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay',
                 'grad_clip', 'target_val_loss', 'threads', 'save_interval', 'sample_interval', 'patience',
-                'max_overfit_gap'):
+                'max_overfit_gap', 'seed'):
         if config[key] < 0:
             fail(f'{key}={config[key]} must not be negative')
+    for key in ('learning_rate', 'min_lr', 'muon_lr'):
+        if not config[key] <= MAX_LEARNING_RATE:  # inf and nan too
+            fail(f'{key}={config[key]} must be a number of at most {MAX_LEARNING_RATE:g} (1e-4 to 1e-2 are usual): '
+                 f"far larger ones overflow the optimizer's float32 arithmetic")
+    if config['threads'] > 4 * (os.cpu_count() or 1):  # each thread's stack and buffers: 100,000 of them exhaust memory
+        fail(f"threads={config['threads']} is more than 4 per core of this machine's {os.cpu_count()}: use at most "
+             f'{4 * (os.cpu_count() or 1)}, or 0 for torch\'s default')
+    if config['wandb_log'] and importlib.util.find_spec('wandb') is None:
+        fail('wandb_log=True needs wandb (pip install wandb), or pass --wandb_log=False')
     if not config['dist_timeout'] > 0:
         fail(f"dist_timeout={config['dist_timeout']} must be a positive number of seconds")
     for key in ('beta1', 'beta2', 'muon_momentum'):
