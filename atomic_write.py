@@ -5,6 +5,9 @@ checkpoints both write this way.
 """
 import json
 import os
+import re
+
+TEMPORARY = re.compile(r'^(.+)\.tmp(\d+)$')  # NAME.tmp<pid>: what atomic_write_bytes and DatasetWriter write first
 
 
 def fsync_dir(folder):
@@ -37,3 +40,28 @@ def atomic_write_bytes(path, write):
 
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8')))
+
+
+def process_alive(pid):
+    if os.name == 'nt':
+        return True  # Windows refuses to delete a file another process has open: removal fails harmlessly
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temporaries(folder, ours):
+    """Remove the temporaries NAME.tmp<pid> in folder that a killed process left, for the names ours(NAME) accepts;
+    those of a live process (this one included) are its own."""
+    for name in os.listdir(folder):
+        temporary = TEMPORARY.match(name)
+        if temporary and ours(temporary.group(1)) and int(temporary.group(2)) != os.getpid() \
+                and not process_alive(int(temporary.group(2))):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass  # a reader has it open (Windows), or it is already gone: the next save tries again

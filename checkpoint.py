@@ -11,17 +11,19 @@ evaluations that found a new best val loss, names the weights of the best one (t
 optimizer): what sample.py and eval.py run by default. Its weight file stays as long as best.json names it.
 
 Nothing a crash, a kill or a second run can do loses the last complete checkpoint:
-- the weight files are written first and checkpoint.json last, each under a temporary name, fsynced, then
-  renamed, and the folder is fsynced after the renames;
+- the weight files are written first, then best.json (for a new best) and checkpoint.json, each under a
+  temporary name, fsynced, then renamed, and the folder is fsynced after the renames; the SHA-256 of each weight
+  file goes into the JSON, and loading checks it;
 - a save never overwrites a file the current checkpoint.json names (saving an iteration again takes new names),
   and removes only this format's own files: earlier checkpoints' weights and temporaries left by killed saves;
-- weights that are not finite (a diverged run) are refused;
+- weights that are not finite (a diverged run) are refused, at save and at load;
 - lock_out_dir() keeps a second training run out of a folder in use.
 
 Nothing in a checkpoint is trusted either: checkpoint.json is checked field by field, its file names must be
 plain names inside out_dir, and its model config must match the weight file's header (names and shapes)
 before any model is built, so a damaged or crafted file gives one line, never a traceback or a huge allocation.
 """
+import hashlib
 import json
 import os
 import re
@@ -29,10 +31,11 @@ import socket
 import struct
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from atomic_write import atomic_write_bytes, atomic_write_json, fsync_dir
+from atomic_write import atomic_write_bytes, atomic_write_json, fsync_dir, remove_dead_temporaries
 from hf_gpt2 import GPT2_NAMES, load_gpt2
 from model import GPT, GPTConfig
 from parallel import copy_local, like, local_rows
@@ -40,8 +43,8 @@ from parallel import copy_local, like, local_rows
 CHECKPOINT_NAME = 'checkpoint.json'
 BEST_NAME = 'best.json'
 LOCK_NAME = '.lock'
+JSON_LIMIT = 64 * 2**20  # bytes: a checkpoint.json holds settings and a tokenizer's vocabulary, a few MB at most
 WEIGHT_FILE = re.compile(r'^(model|optimizer)-\d{7}(-\d+)?\.safetensors$')
-TEMPORARY = re.compile(r'^((model|optimizer)-\d{7}(-\d+)?\.safetensors|checkpoint\.json|best\.json)\.tmp(\d+)$')
 
 
 class CheckpointError(Exception):
@@ -105,7 +108,8 @@ def save_tensors(path, tensors, fetch=_cpu, finite=False):
     their shapes, then each tensor is fetched (fetch(tensor): the whole tensor on the CPU, gathered from shards
     under FSDP) and written, so no more than one tensor is ever held beyond what already exists. finite: refuse
     (CheckpointError, nothing written) a floating-point tensor holding NaN or inf; every tensor is still fetched,
-    since under FSDP the other processes take part in each gather. Atomic, as every file here."""
+    since under FSDP the other processes take part in each gather. Atomic, as every file here. Returns the file's
+    SHA-256, computed from the bytes as they are written (no second read)."""
     names = _file_order(tensors)
     header, offset = {'__metadata__': {'format': 'pt'}}, 0
     for name in names:
@@ -115,20 +119,24 @@ def save_tensors(path, tensors, fetch=_cpu, finite=False):
         offset += size
     header = json.dumps(header, separators=(',', ':')).encode('utf-8')
     header += b' ' * (-len(header) % 8)
-    bad = []
+    bad, digest = [], hashlib.sha256()
 
     def write(f):
-        f.write(struct.pack('<Q', len(header)))
-        f.write(header)
+        for data in (struct.pack('<Q', len(header)), header):
+            f.write(data)
+            digest.update(data)
         for name in names:
             t = fetch(tensors[name])
             if finite and t.is_floating_point() and not torch.isfinite(t).all():
                 bad.append(name)
             if not bad:  # little-endian bytes, as safetensors stores them (every machine PyTorch runs on)
-                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+                data = t.contiguous().view(-1).view(torch.uint8).numpy().data
+                f.write(data)
+                digest.update(data)
         if bad:
             raise CheckpointError(f'{bad[0]} (and {len(bad) - 1} more) hold NaN or inf')
     atomic_write_bytes(path, write)
+    return digest.hexdigest()
 
 
 def fetch_all(tensors, fetch):
@@ -176,18 +184,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def _process_alive(pid):
-    if os.name == 'nt':
-        return True  # Windows refuses to delete a file another process has open: removal fails harmlessly
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _unused_name(prefix, iter_num, taken):
     """prefix-<iter>.safetensors, or with -1, -2, ... when the current checkpoint already uses that name."""
     name, n = f'{prefix}-{iter_num:07d}.safetensors', 0
@@ -207,6 +203,17 @@ def _named_files(out_dir):
         except CheckpointError:
             pass
     return named - {None}
+
+
+def resumed_best_val_loss(out_dir, ckpt):
+    """The best val loss a run resumed from ckpt (out_dir's checkpoint.json) goes on from: ckpt's own, or best.json's
+    where a kill between the two renames of a save left best.json ahead of checkpoint.json (see save_checkpoint), so
+    the resumed run replaces those weights only with better ones."""
+    try:
+        best = read_checkpoint(out_dir, BEST_NAME)
+    except CheckpointError:
+        return ckpt['best_val_loss']
+    return min(ckpt['best_val_loss'], best['best_val_loss']) if best['iter_num'] > ckpt['iter_num'] else ckpt['best_val_loss']
 
 
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_args, config, tokenizer,
@@ -234,20 +241,22 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_ar
     model_file, optimizer_file = _unused_name('model', iter_num, taken), _unused_name('optimizer', iter_num, taken)
     try:
         try:
-            save_tensors(os.path.join(out_dir, model_file), state, fetch, finite=True)
+            model_sha256 = save_tensors(os.path.join(out_dir, model_file), state, fetch, finite=True)
         except CheckpointError as e:
             fetch_all(opt_tensors, fetch)  # the other processes' share of the optimizer file's gathers
             raise CheckpointError(f'not saving iteration {iter_num}: {e}; the last good checkpoint stays in {out_dir}') from None
-        save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors, fetch)
+        optimizer_sha256 = save_tensors(os.path.join(out_dir, optimizer_file), opt_tensors, fetch)
         fsync_dir(out_dir)  # both weight files are in place for good before checkpoint.json names them
         common = dict(format=1, iter_num=iter_num, best_val_loss=best_val_loss, model_args=model_args, config=config,
-                      tokenizer=tokenizer, model_file=model_file)
+                      tokenizer=tokenizer, model_file=model_file, model_sha256=model_sha256)
+        if best:
+            # before checkpoint.json: a kill between the two renames leaves best.json naming these weights and
+            # checkpoint.json the previous ones, and the next save keeps both (the other way round, it deleted the best)
+            atomic_write_json(os.path.join(out_dir, BEST_NAME), common)
         atomic_write_json(os.path.join(out_dir, CHECKPOINT_NAME), dict(
-            common, optimizer_file=optimizer_file, optimizer=opt_json,
+            common, optimizer_file=optimizer_file, optimizer_sha256=optimizer_sha256, optimizer=opt_json,
             training_state=dict(training_state or {}, ranks=rank_json),
         ))
-        if best:  # after checkpoint.json: until it is written, best.json names the previous best, which is still there
-            atomic_write_json(os.path.join(out_dir, BEST_NAME), common)
     except BaseException:  # a full disk, Ctrl-C: the new files no checkpoint names go, the previous checkpoint stays
         named = _named_files(out_dir)
         for name in {model_file, optimizer_file} - named:
@@ -258,13 +267,12 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, model_ar
     # temporaries of killed saves
     keep = _named_files(out_dir) | {model_file, optimizer_file}
     for name in os.listdir(out_dir):
-        temporary = TEMPORARY.match(name)
-        if (WEIGHT_FILE.match(name) and name not in keep) or (
-                temporary and int(temporary.group(4)) != os.getpid() and not _process_alive(int(temporary.group(4)))):
+        if WEIGHT_FILE.match(name) and name not in keep:
             try:
                 os.remove(os.path.join(out_dir, name))
             except OSError:
                 pass  # a reader has it open (Windows), or it is already gone: the next save tries again
+    remove_dead_temporaries(out_dir, lambda name: bool(WEIGHT_FILE.match(name)) or name in (CHECKPOINT_NAME, BEST_NAME))
 
 
 # ---------------------------------------------------------------------------- reading
@@ -294,10 +302,12 @@ def read_checkpoint(out_dir, name=CHECKPOINT_NAME):
     if not os.path.exists(path):
         raise CheckpointError(f'no {name} in {out_dir}: it holds no complete checkpoint (was training stopped before the first save?)')
     try:
+        if os.path.getsize(path) > JSON_LIMIT:
+            raise ValueError(f'it holds {os.path.getsize(path):,} bytes, more than a checkpoint.json ever does')
         with open(path, encoding='utf-8') as f:
             ckpt = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f'cannot read {path}: {e}') from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, a 5,000-digit number
+        raise CheckpointError(f'cannot read {path}: {type(e).__name__}: {str(e)[:200]}') from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path} is damaged: it holds a {type(ckpt).__name__}, not a JSON object')
     _check_type(path, ckpt, 'model_file', str, 'a file name')
@@ -312,6 +322,8 @@ def read_checkpoint(out_dir, name=CHECKPOINT_NAME):
     for key in ('training_state', 'optimizer'):
         _check_type(path, ckpt, key, (dict, type(None)), 'an object', required=False)
     _check_type(path, ckpt, 'tokenizer', (dict, type(None)), 'an object', required=False)
+    for key in ('model_sha256', 'optimizer_sha256'):  # absent in checkpoints written before they were recorded
+        _check_type(path, ckpt, key, str, 'a SHA-256 in hex', required=False)
     try:
         GPTConfig(**ckpt['model_args'])
     except (TypeError, ValueError) as e:
@@ -409,28 +421,71 @@ def checkpoint_model(out_dir, ckpt, **overrides):
         return GPT(config)
 
 
+def _verify(f, ckpt, key):
+    """Compare the SHA-256 of f (a TensorFile) with the one its checkpoint recorded at save (ckpt[key]): a flipped bit
+    of a weight loads silently otherwise, or as NaN far from here."""
+    if ckpt.get(key) is None:
+        return
+    digest, path = hashlib.sha256(), f.file.name
+    f.file.seek(0)
+    while chunk := f.file.read(2**24):
+        digest.update(chunk)
+    if digest.hexdigest() != ckpt[key]:
+        raise CheckpointError(f'{path} is damaged: its SHA-256 differs from the one recorded when it was saved '
+                              f'({key} in the checkpoint JSON); use another checkpoint, or train again')
+
+
 def load_weights(out_dir, ckpt, model):
     """Fill model (checkpoint_model's, given storage: values unset, or sharded by FSDP) with the weights of the
     checkpoint ckpt, one tensor at a time: no more than the largest tensor is held beside the model, and each
-    process of an FSDP run reads only its rows. Raises CheckpointError."""
+    process of an FSDP run reads only its rows. The file is checked against its recorded SHA-256 first, and every
+    weight must be finite. Raises CheckpointError."""
     path = _tensors_file(out_dir, ckpt['model_file'])
     try:
-        with TensorFile(path) as f, torch.no_grad():
+        with TensorFile(path) as f, torch.no_grad():  # opened first: a save deleting the file now cannot take it
+            _verify(f, ckpt, 'model_sha256')
             for name, p in model.named_parameters():  # a tied head is the embedding: stored once, loaded once
-                copy_local(p, f.read(name, p))
+                value = f.read(name, p)
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CheckpointError(f'{path} is damaged: its weight {name} holds NaN or inf; use another '
+                                          f'checkpoint, or train again')
+                copy_local(p, value)
     except OSError as e:
         raise _safetensors_error(path, e) from None
 
 
+READ_ATTEMPTS = 50  # times a reader takes the newer checkpoint when a run replaced the one it was reading
+
+
 def _load_checkpoint_model(out_dir, device='cpu', name=CHECKPOINT_NAME, **overrides):
     """Rebuild the model saved in out_dir (the checkpoint that name, checkpoint.json or best.json, describes), with
-    any GPTConfig fields in overrides changed. Returns (model, its JSON). Raises CheckpointError."""
+    any GPTConfig fields in overrides changed. Returns (model, its JSON). Raises CheckpointError.
+    A run that saves often deletes the previous weights while a reader is still on its way to them: when reading
+    fails and the JSON has moved on meanwhile, the reader takes the newer checkpoint, as long as the run goes on."""
     ckpt = read_checkpoint(out_dir, name)
-    if not os.path.exists(os.path.join(out_dir, ckpt['model_file'])):
-        ckpt = read_checkpoint(out_dir, name)  # a run saved a newer checkpoint between our two reads: take that one
-    model = checkpoint_model(out_dir, ckpt, **overrides).to_empty(device='cpu')
-    load_weights(out_dir, ckpt, model)
-    return model.to(device), ckpt
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            model = checkpoint_model(out_dir, ckpt, **overrides).to_empty(device='cpu')
+            load_weights(out_dir, ckpt, model)
+            return model.to(device), ckpt
+        except CheckpointError:
+            newer = read_checkpoint(out_dir, name)
+            if newer == ckpt or attempt == READ_ATTEMPTS - 1:
+                raise  # nothing moved: the checkpoint itself is wrong
+            ckpt = newer
+
+
+def _check_process_state(state):
+    """Raise ValueError or TypeError unless state (one process's, from load_training_state) holds generator states
+    this process can take: numpy's PCG64 batch sampler (rank0's data_rng) and torch's byte tensors."""
+    if state.get('data_rng') is not None:
+        np.random.default_rng().bit_generator.state = state['data_rng']  # raises for another generator or a bad state
+    for key in ('torch', 'cuda'):
+        t = state.get(key)
+        if t is not None and (t.dtype != torch.uint8 or t.dim() != 1 or
+                              (key == 'torch' and t.numel() != torch.get_rng_state().numel())):
+            raise ValueError(f'the {key} generator state is a {t.dtype} tensor of shape {tuple(t.shape)}, not bytes '
+                             f'as this PyTorch saves them')
 
 
 def load_training_state(out_dir, ckpt, optimizer):
@@ -445,6 +500,7 @@ def load_training_state(out_dir, ckpt, optimizer):
     saved = ckpt.get('training_state') or {}
     try:
         with TensorFile(path) as f:
+            _verify(f, ckpt, 'optimizer_sha256')
             tensors = {}
             for key in f.names:
                 param = None
@@ -469,6 +525,12 @@ def load_training_state(out_dir, ckpt, optimizer):
                 ranks[int(rank)][name] = value
         if not ranks or any('torch' not in r for r in ranks):
             raise KeyError('rng.torch')
+        for state in ranks:
+            _check_process_state(state)
+        if not isinstance(saved.get('evals_since_best', 0), int) or saved.get('evals_since_best', 0) < 0:
+            raise TypeError(f"evals_since_best must be a whole number, not {saved['evals_since_best']!r:.60}")
+        if not isinstance(saved.get('scaler') or {}, dict):
+            raise TypeError(f"scaler must be an object, not {saved['scaler']!r:.60}")
     except OSError as e:
         raise _safetensors_error(path, e) from None
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:

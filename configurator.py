@@ -70,18 +70,28 @@ def _unknown_key(key, known):
     return ConfigError(f'unknown config key {key!r}{hint}')
 
 
-def _parse_value(raw, default):
-    if isinstance(default, str):
-        # a string setting keeps its text as typed (so --start=123 is the prompt "123"), unless quoted
-        try:
-            value = ast.literal_eval(raw)
-            return value if isinstance(value, str) else raw
-        except (ValueError, SyntaxError):
-            return raw
+LITERAL_LIMIT = 100  # characters: no number, bool or None is longer, and Python's parser runs out of memory on long text
+
+
+def _literal(raw, limit=LITERAL_LIMIT):
+    """raw as a Python literal, or raw itself where it is none (or longer than limit)."""
+    if len(raw) > limit:
+        return raw
     try:
         return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return raw
+
+
+def _parse_value(raw, default):
+    if isinstance(default, str):
+        # a string setting keeps its text as typed (so --start=123 is the prompt "123"), unless quoted; it never goes
+        # through the parser otherwise (a prompt of a few thousand words made it raise MemoryError)
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in '\'"':
+            value = _literal(raw, len(raw) if raw[0] not in raw[1:-1] else LITERAL_LIMIT)  # one quoted token: cheap
+            return value if isinstance(value, str) else raw
+        return raw
+    return _literal(raw)
 
 
 def _comments(path):

@@ -9,6 +9,11 @@ bytes_per_token, ...).
 A chat dataset (prepare_chat.py) also holds train.mask.bin and val.mask.bin: one uint8 per token, 1 where the token
 is the assistant's (a reply's text and its end-of-turn), the only targets its loss counts; meta.json says chat: true,
 and its tokenizer description carries the chat template (special_tokens).
+
+Nothing in a dataset is trusted, as nothing in a checkpoint is: load_meta checks meta.json field by field (and the
+size and form of the tokenizer.json it names) before anything is built from it, open_split and open_mask check the
+files' sizes against it, and check_split samples the ids against vocab_size: a damaged or crafted dataset gives one
+line naming the file and the field.
 """
 import json
 import math
@@ -18,8 +23,8 @@ import unicodedata
 
 import numpy as np
 
-from atomic_write import atomic_write_bytes, fsync_dir
-from tokenizer import TOKENIZER_FILE
+from atomic_write import atomic_write_bytes, fsync_dir, remove_dead_temporaries
+from tokenizer import KINDS, TOKENIZER_FILE
 
 META_NAME = 'meta.json'
 
@@ -54,6 +59,8 @@ class DatasetWriter:
         self.dtype = np.dtype(token_dtype(tokenizer.vocab_size))
         self.tokens = dict.fromkeys(self.SPLITS, 0)
         self._temporaries = {}  # final path -> its temporary
+        # what a killed writer left (SIGTERM or SIGKILL skip the cleaning in __exit__)
+        remove_dead_temporaries(folder, lambda name: name in (META_NAME, TOKENIZER_FILE) or name.endswith('.bin'))
         self._files = {}
         for split in self.SPLITS:
             self._files[split] = open(self._temporary(f'{split}.bin'), 'wb')
@@ -142,21 +149,101 @@ def prepare_command(folder):
     return f'python prepare.py --input=YOUR_TEXT --out_dir={folder}'
 
 
+META_LIMIT = 256 * 2**20  # bytes: a trained vocabulary makes meta.json a few MB; far more is no meta.json of ours
+TOKENIZER_FILE_LIMIT = 256 * 2**20  # bytes: Gemma's tokenizer.json, among the largest, is 33 MB
+MAX_VOCAB_SIZE = 2**24  # 64x Gemma's 262,144: a larger vocabulary is a damaged meta.json, not a tokenizer
+ID_DTYPES = ('uint16', 'uint32')
+ID_SAMPLES, ID_SAMPLE_TOKENS = 16, 2**16  # ids checked against vocab_size: this many runs of this many tokens
+# the statistics prepare scripts record, each optional: key -> (its types, what it must be)
+META_STATS = {
+    'train_tokens': (int, 'a whole number'), 'val_tokens': (int, 'a whole number'),
+    'train_bytes': (int, 'a whole number'), 'val_bytes': (int, 'a whole number'),
+    'bytes_per_token': ((int, float), 'a number'),
+    'lossless': (bool, 'true or false'), 'chat': (bool, 'true or false'),
+}
+
+
+def _damaged(path, folder, what):
+    return DatasetError(f'{path} is damaged: {what}; prepare the dataset again (`{prepare_command(folder)}`)')
+
+
+def _read_json(path, folder, limit):
+    """A JSON object from path, its size checked before it is read (a huge or crafted file is refused, not parsed)."""
+    try:
+        if not os.path.isfile(path):
+            raise _damaged(path, folder, 'it is not a file')
+        if os.path.getsize(path) > limit:
+            raise _damaged(path, folder, f'it holds {os.path.getsize(path):,} bytes, more than {limit:,}')
+        with open(path, 'rb') as f:
+            value = json.loads(f.read().decode('utf-8'))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or a 5,000-digit number
+        raise _damaged(path, folder, f'it is not UTF-8 JSON ({type(e).__name__}: {str(e)[:100]})') from None
+    if not isinstance(value, dict):
+        raise _damaged(path, folder, f'it holds a JSON {type(value).__name__}, not an object')
+    return value
+
+
+def _check_field(path, folder, meta, key, kinds, what, required=False):
+    if key not in meta:
+        if required:
+            raise _damaged(path, folder, f'it lacks {key!r}')
+        return
+    value, kinds = meta[key], kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON's true is no number
+        raise _damaged(path, folder, f'{key} must be {what}, not {value!r:.60}')
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
+        raise _damaged(path, folder, f'{key} must not be negative, not {value!r:.60}')
+
+
 def load_meta(folder):
+    """meta.json of the dataset in folder, checked field by field (and the tokenizer.json it names, for size and
+    form), before anything is built from it: a damaged or crafted dataset gives one DatasetError naming the file and
+    the field, never a traceback or a huge allocation."""
     path = os.path.join(folder, META_NAME)
     if not os.path.exists(path):
         raise DatasetError(f"no prepared dataset in {folder} (missing {META_NAME}): run `{prepare_command(folder)}` first")
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    meta = _read_json(path, folder, META_LIMIT)
+    _check_field(path, folder, meta, 'tokenizer', dict, 'an object (the tokenizer\'s description)', required=True)
+    kind = meta['tokenizer'].get('kind')
+    if kind not in KINDS:
+        raise _damaged(path, folder, f"tokenizer.kind must be one of {', '.join(KINDS)}, not {kind!r:.60}")
+    _check_field(path, folder, meta, 'dtype', str, f"one of {', '.join(ID_DTYPES)}", required=True)
+    if meta['dtype'] not in ID_DTYPES:
+        raise _damaged(path, folder, f"dtype must be one of {', '.join(ID_DTYPES)}, not {meta['dtype']!r:.60}")
+    _check_field(path, folder, meta, 'vocab_size', int, 'a whole number', required=True)
+    largest = min(MAX_VOCAB_SIZE, np.iinfo(meta['dtype']).max + 1)
+    if not 1 <= meta['vocab_size'] <= largest:
+        raise _damaged(path, folder, f"vocab_size must be in [1, {largest:,}] (dtype {meta['dtype']}), "
+                                     f"not {meta['vocab_size']:,}")
+    for key, (kinds, what) in META_STATS.items():
+        _check_field(path, folder, meta, key, kinds, what)
+    own = meta['tokenizer'].get('tokenizer_file')
+    if own is not None:
+        if not isinstance(own, str) or os.path.basename(own) != own or own in ('', '.', '..'):
+            raise _damaged(path, folder, f'tokenizer.tokenizer_file must be a file name in its folder, not {own!r:.60}')
+        own_path = os.path.join(folder, own)
+        if os.path.exists(own_path) and 'model' not in _read_json(own_path, folder, TOKENIZER_FILE_LIMIT):
+            raise _damaged(own_path, folder, "it is no Hugging Face tokenizer.json (no 'model')")
+    return meta
 
 
 def open_split(folder, split, meta):
-    """Memmap one split read-only. A fresh memmap per call is cheap, and it avoids the memory growth
-    of one long-lived np.memmap (https://stackoverflow.com/questions/45132940)."""
+    """Memmap one split read-only, after checking that its size fits meta's dtype. A fresh memmap per call is cheap,
+    and it avoids the memory growth of one long-lived np.memmap (https://stackoverflow.com/questions/45132940)."""
     path = os.path.join(folder, f'{split}.bin')
     if not os.path.exists(path):
         raise DatasetError(f'missing {path}: run `{prepare_command(folder)}` again')
-    return np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+    dtype = np.dtype(meta['dtype'])
+    if not os.path.isfile(path):
+        raise _damaged(path, folder, 'it is not a file')
+    size = os.path.getsize(path)
+    if size == 0 or size % dtype.itemsize:
+        raise _damaged(path, folder, f'it holds {size:,} bytes, not a whole number of {dtype.name} token ids' if size
+                       else 'it is empty')
+    tokens = meta.get(f'{split}_tokens')
+    if tokens is not None and tokens != size // dtype.itemsize:
+        raise _damaged(path, folder, f'it holds {size // dtype.itemsize:,} {dtype.name} ids, {META_NAME} says {split}_tokens={tokens:,}')
+    return np.memmap(path, dtype=dtype, mode='r')
 
 
 def open_mask(folder, split, meta):
@@ -166,7 +253,24 @@ def open_mask(folder, split, meta):
     path = os.path.join(folder, f'{split}.mask.bin')
     if not os.path.exists(path):
         raise DatasetError(f'missing {path}: prepare the chat dataset again (python prepare_chat.py ...)')
+    ids = os.path.getsize(os.path.join(folder, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
+    if not os.path.isfile(path) or os.path.getsize(path) != ids:
+        raise DatasetError(f'{path} is damaged: it must hold one byte per token of {split}.bin ({ids:,}); prepare the '
+                           f'chat dataset again (python prepare_chat.py ...)')
     return np.memmap(path, dtype=np.uint8, mode='r')
+
+
+def check_split(folder, split, meta):
+    """Check a split once before training or evaluating on it: its files' sizes (open_split, open_mask) and its ids,
+    sampled (ID_SAMPLES runs spread over the file), below vocab_size. Returns its length in tokens."""
+    data = open_split(folder, split, meta)
+    open_mask(folder, split, meta)
+    starts = np.linspace(0, max(0, len(data) - ID_SAMPLE_TOKENS), ID_SAMPLES).astype(np.int64)
+    largest = max(int(data[s:s + ID_SAMPLE_TOKENS].max()) for s in np.unique(starts))
+    if largest >= meta['vocab_size']:
+        raise _damaged(os.path.join(folder, f'{split}.bin'), folder,
+                       f"it holds token id {largest}, outside vocab_size={meta['vocab_size']} of {META_NAME}")
+    return len(data)
 
 
 def dataset_dir(name):

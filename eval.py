@@ -32,7 +32,7 @@ import torch
 
 from checkpoint import CheckpointError, is_hf_source, load_model
 from configurator import configure, fail
-from dataset import (DatasetError, bits_per_byte, bytes_per_token, dataset_dir, decode_utf8, load_meta,
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, check_split, dataset_dir, decode_utf8, load_meta,
                      normalize_unicode, open_mask, open_split, sample_windows, unicode_form)
 from generate import generate_tokens
 from hf_gpt2 import GPT2_NAMES, HFError
@@ -91,8 +91,8 @@ if shots < 0 or max_examples < 0:
     fail('shots and max_examples must not be negative')
 if (task_split or shots_from) and not task:
     fail('task_split and shots_from go with --task')
-if samples < 0 or sample_tokens < 1 or not temperature > 0 or memorization_mb < 0:
-    fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive')
+if samples < 0 or sample_tokens < 1 or not 0 < temperature < math.inf or memorization_mb < 0:
+    fail('samples and memorization_mb must not be negative, sample_tokens must be at least 1, temperature positive and finite')
 try:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -157,6 +157,7 @@ def split_tokens(entry, tokenizer, ckpt):
     folder = dataset_dir(name)
     try:
         meta = load_meta(folder)
+        check_split(folder, split, meta)
         data = open_split(folder, split, meta)
         mask = open_mask(folder, split, meta)
     except DatasetError as e:

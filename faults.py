@@ -14,6 +14,7 @@ with one table at the end.
 | disk full at spread points of writing | the folder is byte for byte as before (in-process, a byte budget on the files) |
 | Ctrl-C or SIGTERM | a checkpoint of that iteration; resuming from it gives the uninterrupted run's weights |
 | damaged or crafted checkpoint files | one line naming the problem, at once, without a large allocation |
+| damaged or crafted datasets (meta.json, the .bin files, tokenizer.json) | one line naming the file and the field, at once |
 | bad settings | one line and exit code 2, never a traceback |
 
 A full disk is imitated two ways: for whole scripts, a file-size limit (RLIMIT_FSIZE, Linux or macOS), which
@@ -23,6 +24,7 @@ fault a few times.
 """
 import contextlib
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -400,6 +402,29 @@ def named_file(folder, key):
         return json.load(f)[key]
 
 
+def flip_bit(folder):
+    """One bit of the weights flipped: the top exponent bit of the first float32 of the data (1.0 becomes inf)."""
+    path = os.path.join(folder, named_file(folder, 'model_file'))
+    with open(path, 'r+b') as f:
+        start = 8 + int.from_bytes(f.read(8), 'little')
+        f.seek(start + 3)  # little-endian float32: its 4th byte holds the sign and the top exponent bits
+        byte = f.read(1)[0]
+        f.seek(start + 3)
+        f.write(bytes([byte ^ 0x40]))
+
+
+def not_finite_weights(folder):
+    """A valid safetensors file of the right shapes whose weights are all NaN, with its checksum recomputed (a crafted
+    file, or one saved by a tool that does not check)."""
+    import hashlib
+    from safetensors.torch import save_file
+    ckpt, tensors = weights(folder)
+    save_file({k: torch.full_like(v, float('nan')) for k, v in tensors.items()}, os.path.join(folder, ckpt['model_file']))
+    with open(os.path.join(folder, ckpt['model_file']), 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    edit_json(lambda c: c.update(model_sha256=digest))(folder)
+
+
 def wrong_shape(folder):
     from safetensors.torch import save_file
     ckpt, tensors = weights(folder)
@@ -412,6 +437,16 @@ def without_rng(folder):
     from safetensors.torch import save_file
     path = os.path.join(folder, named_file(folder, 'optimizer_file'))
     save_file({k: v for k, v in load_file(path).items() if not k.startswith('rank')}, path)
+    edit_json(lambda c: c.pop('optimizer_sha256', None))(folder)  # as a tool that records none would leave it
+
+
+def with_rng(folder, tensor):
+    """The optimizer file with rank 0's torch generator state replaced by tensor (its checksum dropped: a file of
+    a tool that records none)."""
+    from safetensors.torch import save_file
+    path = os.path.join(folder, named_file(folder, 'optimizer_file'))
+    save_file(dict(load_file(path), **{'rank0.torch': tensor}), path)
+    edit_json(lambda c: c.pop('optimizer_sha256', None))(folder)
 
 
 DAMAGE = {
@@ -436,6 +471,10 @@ DAMAGE = {
     'iter_num a string': edit_json(lambda c: c.update(iter_num='10')),
     'config missing': edit_json(lambda c: c.pop('config')),
     'best.json truncated': write_file('best.json', b'{"model_file": "mo'),
+    'nested 100,000 deep': write_file('checkpoint.json', b'{"model_file": ' + b'[' * 100_000 + b']' * 100_000 + b'}'),
+    'a 5,000-digit integer': write_file('checkpoint.json', b'{"iter_num": ' + b'7' * 5000 + b'}'),
+    'a flipped exponent bit': flip_bit,
+    'weights all NaN': not_finite_weights,
 }
 # damage only a resume meets (sampling needs neither the optimizer nor the random generators)
 RESUME_DAMAGE = {
@@ -443,7 +482,110 @@ RESUME_DAMAGE = {
     'process states not a list': edit_json(lambda c: c['training_state'].update(ranks='rank0')),
     'optimizer groups missing': edit_json(lambda c: c['optimizer'].pop('param_groups')),
     'optimizer file missing': lambda folder: os.remove(os.path.join(folder, named_file(folder, 'optimizer_file'))),
+    'evals_since_best a string': edit_json(lambda c: c['training_state'].update(evals_since_best='x')),
+    'data_rng of another generator': edit_json(lambda c: c['training_state']['ranks'][0].update(
+        data_rng=__import__('numpy').random.PCG64DXSM(0).state)),
+    'a random generator of the wrong size': lambda folder: with_rng(folder, torch.zeros(7, dtype=torch.uint8)),
+    'a random generator of the wrong dtype': lambda folder: with_rng(folder, torch.zeros(5056, dtype=torch.float32)),
 }
+
+def edit_meta(change):
+    """A damage: change(meta) edits the dataset's meta.json, as a dict."""
+    def damage(folder):
+        path = os.path.join(folder, 'meta.json')
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+        change(meta)
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(meta, f)
+    return damage
+
+
+def replace_with_folder(name):
+    def damage(folder):
+        os.remove(os.path.join(folder, name))
+        os.mkdir(os.path.join(folder, name))
+    return damage
+
+
+def cut_file(name, keep):
+    """A damage: the file name cut to its first keep bytes."""
+    def damage(folder):
+        with open(os.path.join(folder, name), 'r+b') as f:
+            f.truncate(keep)
+    return damage
+
+
+def with_tokenizer_file(data):
+    """A damage: the meta names a tokenizer.json, and the file holds data."""
+    def damage(folder):
+        edit_meta(lambda m: m['tokenizer'].update(tokenizer_file='tokenizer.json'))(folder)
+        write_file('tokenizer.json', data)(folder)
+    return damage
+
+
+def nested(depth):
+    return ('[' * depth + ']' * depth).encode()
+
+
+# damage to a prepared dataset (a char dataset of uint16 ids; chat datasets hold masks too): name -> damage
+DATASET_DAMAGE = {
+    'meta.json not JSON': write_file('meta.json', b'{"tokenizer": {"kind": "ch'),
+    'meta.json empty': write_file('meta.json', b''),
+    'meta.json not UTF-8': write_file('meta.json', '{"dtype": "uint16", "x": "ol\u00e1"}'.encode('latin-1')),
+    'meta.json a list': write_file('meta.json', b'[1, 2, 3]'),
+    'meta.json nested 100,000 deep': write_file('meta.json', nested(100_000)),
+    'meta.json a 5,000-digit number': write_file('meta.json', b'{"vocab_size": ' + b'9' * 5000 + b'}'),
+    'meta.json a directory': replace_with_folder('meta.json'),
+    'no dtype': edit_meta(lambda m: m.pop('dtype')),
+    'no tokenizer': edit_meta(lambda m: m.pop('tokenizer')),
+    'no vocab_size': edit_meta(lambda m: m.pop('vocab_size')),
+    'dtype object': edit_meta(lambda m: m.update(dtype='object')),
+    'dtype float64': edit_meta(lambda m: m.update(dtype='float64')),
+    'dtype evil': edit_meta(lambda m: m.update(dtype='evil')),
+    'dtype of the wrong width': edit_meta(lambda m: m.update(dtype='uint32')),
+    'vocab_size 1e12': edit_meta(lambda m: m.update(vocab_size=1e12)),
+    'vocab_size 10**12': edit_meta(lambda m: m.update(vocab_size=10**12)),
+    'vocab_size a string': edit_meta(lambda m: m.update(vocab_size='65')),
+    'vocab_size below the ids': edit_meta(lambda m: m.update(vocab_size=3)),
+    'bytes_per_token a string': edit_meta(lambda m: m.update(bytes_per_token='1.0')),
+    'val_tokens a string': edit_meta(lambda m: m.update(val_tokens='100')),
+    'val_tokens negative': edit_meta(lambda m: m.update(val_tokens=-1)),
+    'tokenizer a string': edit_meta(lambda m: m.update(tokenizer='char')),
+    'tokenizer of no kind': edit_meta(lambda m: m.update(tokenizer={'kind': 'evil'})),
+    'chat a string': edit_meta(lambda m: m.update(chat='yes')),
+    'train.bin empty': write_file('train.bin', b''),
+    'train.bin a directory': replace_with_folder('train.bin'),
+    'train.bin of an odd size': cut_file('train.bin', 1001),
+    'train.bin shorter than meta.json says': cut_file('train.bin', 1000),
+    'tokenizer.json random bytes': with_tokenizer_file(random.Random(0).randbytes(100_000)),
+    'tokenizer.json a JSON list': with_tokenizer_file(b'[1, 2]'),
+    'tokenizer.json outside the folder': edit_meta(lambda m: m['tokenizer'].update(tokenizer_file='../x.json')),
+}
+# damage to a chat dataset's masks
+CHAT_DATASET_DAMAGE = {
+    'train.mask.bin shorter than train.bin': cut_file('train.mask.bin', 10),
+    'val.mask.bin missing': lambda folder: os.remove(os.path.join(folder, 'val.mask.bin')),
+    'val.mask.bin a directory': replace_with_folder('val.mask.bin'),
+}
+
+
+def damaged_datasets(lab):
+    """Each DATASET_DAMAGE met by train.py, a few at a time: [(name, one clean line?, seconds, message)]."""
+    results, names = [], list(DATASET_DAMAGE)
+    for i in range(0, len(names), 2):
+        started = []
+        for name in names[i:i + 2]:
+            folder = lab.out(f'dataset-{len(results) + len(started)}')
+            shutil.copytree(lab.data, folder)
+            DATASET_DAMAGE[name](folder)
+            started.append((name, time.time(), script('train.py', f'--dataset={folder}', f'--out_dir={folder}-out',
+                                                      *TRAIN, '--max_iters=2')))
+        for name, t0, proc in started:
+            code, _, err = finish(proc, timeout=60)
+            results.append((name, one_line_error(code, err), time.time() - t0, err.strip()))
+    return results
+
 
 # settings that must each give one line and exit code 2: (script, arguments, a fragment of the message)
 BAD_SETTINGS = [
@@ -466,6 +608,11 @@ BAD_SETTINGS = [
     ('train.py', ['--out_dir=/proc/version/out'], 'out_dir'),
     ('sample.py', ['--device=cuda'], 'no CUDA GPU'),
     ('eval.py', ['--device=cuda'], 'no CUDA GPU'),
+    ('train.py', ['--seed=-1'], 'seed=-1 must not be negative'),
+    ('train.py', ['--learning_rate=1e38'], 'learning_rate=1e+38 must be a number of at most 1e+06'),
+    ('train.py', ['--threads=100000'], 'threads=100000 is more than 4 per core'),
+    *([('train.py', ['--wandb_log=True'], 'wandb_log=True needs wandb')] if importlib.util.find_spec('wandb') is None
+      else []),
 ]
 
 
@@ -523,6 +670,9 @@ def main(argv):
         damaged = damaged_checkpoints(lab)
         row('damaged or crafted checkpoints', len(damaged),
             f"one clean line {sum(r[1] for r in damaged)}; slowest {max(r[2] for r in damaged):.1f} s")
+        datasets = damaged_datasets(lab)
+        row('damaged or crafted datasets', len(datasets),
+            f"one clean line {sum(r[1] for r in datasets)}; slowest {max(r[2] for r in datasets):.1f} s")
         swept = bad_settings(lab)
         row('bad settings', len(swept), f"one clean line, exit 2: {sum(r[2] for r in swept)}")
     width = max(len(r[0]) for r in rows)
@@ -532,6 +682,9 @@ def main(argv):
     for name, ok, _, message in damaged:
         if not ok:
             print(f'damaged checkpoint {name!r}: {message[-300:]}')
+    for name, ok, _, message in datasets:
+        if not ok:
+            print(f'damaged dataset {name!r}: {message[-300:]}')
     for name, args, ok, message in swept:
         if not ok:
             print(f"{name} {' '.join(args)}: {message[-300:]}")

@@ -120,13 +120,14 @@ def use_decoding_layout(model):
 def check_controls(temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, num_beams=1,
                    length_penalty=1.0, max_new_tokens=1, num_samples=1):
     """Raise ValueError, with a one-line message, on settings that mean nothing."""
-    if not temperature >= 0:
-        raise ValueError(f'temperature={temperature} is negative: use 0 for greedy decoding or a positive value')
+    if not 0 <= temperature < math.inf:  # nan and inf too: they make every probability nan
+        raise ValueError(f'temperature={temperature} must be a finite number >= 0: 0 for greedy decoding, 1.0 samples '
+                         f'the model as it is')
     if top_k is not None and top_k < 0:
         raise ValueError(f'top_k={top_k} is negative: use a positive number of tokens, or 0 / None for no limit')
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f'top_p={top_p} is outside (0, 1]: 1.0 keeps every token, 0.9 the smallest set holding 90% of the probability')
-    if not repetition_penalty > 0:
+    if not 0 < repetition_penalty < math.inf:
         raise ValueError(f'repetition_penalty={repetition_penalty} must be positive: 1.0 is none, 1.2 discourages repeats')
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f'num_beams={num_beams} must be an integer of at least 1 (1 means no beam search)')

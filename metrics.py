@@ -15,7 +15,7 @@ had never stopped. plot_runs() draws one or several runs side by side (plot.py i
 import json
 import os
 
-from atomic_write import atomic_write_bytes
+from atomic_write import atomic_write_bytes, remove_dead_temporaries
 
 METRICS_NAME = 'metrics.jsonl'
 PLOT_NAME = 'loss.png'
@@ -43,6 +43,7 @@ class MetricsLog:
 
     def __init__(self, out_dir, resume_iter=None):
         self.path = os.path.join(out_dir, METRICS_NAME)
+        remove_dead_temporaries(out_dir, lambda name: name == METRICS_NAME)  # a killed run's rewrite of the log
         kept = [r for r in read_metrics(out_dir) if r['iter'] <= resume_iter] if resume_iter is not None else []
         text = ''.join(json.dumps(r) + '\n' for r in kept).encode('utf-8')
         atomic_write_bytes(self.path, lambda f: f.write(text))

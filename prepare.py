@@ -274,8 +274,20 @@ def init_worker(options, tokenizer):
         _worker['separator_bytes'] = 0 if eot else 2
 
 
-def start_worker(options, tokenizer):
-    """tokenizer: a Tokenizer (inherited through fork), its description (spawned workers rebuild it), or None."""
+def end_with_parent(parent):
+    """Linux: this process is killed when parent, the main process, dies: a SIGKILL or SIGTERM there skips the pool's
+    shutdown, and the workers would live on under PID 1."""
+    if sys.platform.startswith('linux'):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
+
+
+def start_worker(options, tokenizer, parent):
+    """tokenizer: a Tokenizer (inherited through fork), its description (spawned workers rebuild it), or None.
+    parent: the main process's pid."""
+    end_with_parent(parent)
     # Ctrl-C reaches every process of the terminal's group: the main process stops the run and says so once,
     # the workers leave when it shuts the pool down instead of each printing a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -333,7 +345,8 @@ def parallel_map(batches, num_workers, options, tokenizer):
         os.environ.setdefault('TOKENIZERS_PARALLELISM', 'true')
     elif tokenizer is not None:
         tokenizer = tokenizer.describe()
-    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=start_worker, initargs=(options, tokenizer))
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=start_worker,
+                               initargs=(options, tokenizer, os.getpid()))
     try:
         pending = collections.deque()
         for batch in batches:
@@ -467,6 +480,15 @@ def peak_memory_mib():
 
 
 def main(argv=None):
+    """Ctrl-C (or SIGTERM) at any moment, before the writing starts too: one line, and nothing written."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temporaries go, the workers stop
+    try:
+        prepare(argv)
+    except KeyboardInterrupt:
+        fail('interrupted: nothing was written')
+
+
+def prepare(argv):
     config = configure(globals(), argv)
     check_settings()
     t0 = time.time()

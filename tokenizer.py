@@ -358,8 +358,14 @@ class HFTokenizer(Tokenizer):
             else:
                 if _looks_like_path(name) and not os.path.isdir(name):
                     raise OSError('no such folder' + (f', and no {tokenizer_file}' if tokenizer_file else ''))
-                self._tok = AutoTokenizer.from_pretrained(name, **({'gguf_file': gguf_file} if gguf_file else {}))
+                # trust_remote_code=False: custom code is never run, and transformers never asks on a terminal
+                self._tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False,
+                                                          **({'gguf_file': gguf_file} if gguf_file else {}))
         except Exception as e:  # transformers raises OSError, ValueError, ImportError, ... : all mean the same here
+            if 'custom code' in str(e) or 'trust_remote_code' in str(e):
+                raise TokenizerError(f"cannot load Hugging Face tokenizer '{name}': it needs custom code of its own "
+                                     f"(trust_remote_code), which is never run here; use a tokenizer that needs "
+                                     f"none") from None
             raise TokenizerError(f"cannot load Hugging Face tokenizer '{name}': {_first_line(e)}; check the name, "
                                  f"or download it first / pass a local folder") from None
         # an absolute path keeps the description valid when a later script runs from another directory

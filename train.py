@@ -14,6 +14,7 @@ A model whose training state does not fit one GPU: the same commands with --para
 `python train.py --help` lists every setting.
 """
 import dataclasses
+import importlib.util
 import math
 import os
 import signal
@@ -27,11 +28,11 @@ from tqdm import tqdm
 
 from atomic_write import atomic_write_bytes
 from checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, checkpoint_model, is_hf_source, load_model,
-                        load_training_state, load_weights, lock_out_dir, read_checkpoint, restore, rng_state,
-                        save_checkpoint, set_rng_state)
+                        load_training_state, load_weights, lock_out_dir, read_checkpoint, restore, resumed_best_val_loss,
+                        rng_state, save_checkpoint, set_rng_state)
 from configurator import ConfigError, choose, configure, fail, inherit
-from dataset import (DatasetError, bits_per_byte, bytes_per_token, count_targets, dataset_dir, load_meta, open_mask,
-                     open_split, sample_windows)
+from dataset import (DatasetError, bits_per_byte, bytes_per_token, check_split, count_targets, dataset_dir, load_meta,
+                     open_mask, open_split, sample_windows)
 from fit import FitError, auto_micro_batch, halved, in_halves, regroup
 from generate import generate_text
 from metrics import PLOT_NAME, MetricsLog, plot_runs
@@ -183,6 +184,9 @@ elif init_from != 'scratch' and os.path.isfile(os.path.join(init_from, CHECKPOIN
 # -----------------------------------------------------------------------------
 
 
+MAX_LEARNING_RATE = 1e6  # far above any that trains; Adam's first step, learning_rate / (1 - beta1), overflows float32 near 3e37
+
+
 def check_settings():
     """One line and exit code 2 for settings that would crash later or train nonsense (the model's own are
     checked by GPTConfig)."""
@@ -192,11 +196,20 @@ def check_settings():
             fail(f'{key}={config[key]} must be at least 1')
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay',
                 'grad_clip', 'target_val_loss', 'threads', 'save_interval', 'sample_interval', 'patience',
-                'max_overfit_gap', 'memory_limit', 'spike_factor', 'max_recoveries'):
+                'max_overfit_gap', 'memory_limit', 'spike_factor', 'max_recoveries', 'seed'):
         if config[key] < 0:
             fail(f'{key}={config[key]} must not be negative')
     if not 0 < config['recovery_lr_scale'] <= 1:
         fail(f"recovery_lr_scale={config['recovery_lr_scale']} must be in (0, 1]")
+    for key in ('learning_rate', 'min_lr', 'muon_lr'):
+        if not config[key] <= MAX_LEARNING_RATE:  # inf and nan too
+            fail(f'{key}={config[key]} must be a number of at most {MAX_LEARNING_RATE:g} (1e-4 to 1e-2 are usual): '
+                 f"far larger ones overflow the optimizer's float32 arithmetic")
+    if config['threads'] > 4 * (os.cpu_count() or 1):  # each thread's stack and buffers: 100,000 of them exhaust memory
+        fail(f"threads={config['threads']} is more than 4 per core of this machine's {os.cpu_count()}: use at most "
+             f'{4 * (os.cpu_count() or 1)}, or 0 for torch\'s default')
+    if config['wandb_log'] and importlib.util.find_spec('wandb') is None:
+        fail('wandb_log=True needs wandb (pip install wandb), or pass --wandb_log=False')
     if not config['dist_timeout'] > 0:
         fail(f"dist_timeout={config['dist_timeout']} must be a positive number of seconds")
     for key in ('beta1', 'beta2', 'muon_momentum'):
@@ -256,7 +269,7 @@ data_dir = dataset_dir(dataset)
 meta, data_error = None, None
 try:
     meta = load_meta(data_dir)
-    split_lengths = {split: len(open_split(data_dir, split, meta)) for split in ('train', 'val')}
+    split_lengths = {split: check_split(data_dir, split, meta) for split in ('train', 'val')}
 except DatasetError as e:
     data_error = str(e)
 fail_together(data_error)
@@ -327,7 +340,7 @@ elif init_from == 'resume':
     if saved_optimizer != optimizer:
         fail(f'the checkpoint in {out_dir} was trained with optimizer={saved_optimizer!r}: resume with --optimizer={saved_optimizer}')
     iter_num = resumed['iter_num']
-    best_val_loss = resumed['best_val_loss']
+    best_val_loss = resumed_best_val_loss(out_dir, resumed)
     changed = [f'{key} {value!r} -> {config[key]!r}' for key, value in resumed['config'].items()
                if key != 'init_from' and key in config and config[key] != value]
     if changed and master_process:

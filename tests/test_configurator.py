@@ -86,3 +86,26 @@ def test_explicit_settings_and_inheriting_a_saved_run(tmp_path):
     assert config['device'] == DEFAULTS['device']
     with pytest.raises(ConfigError, match='learning_rate must be float'):
         inherit(apply_config(DEFAULTS, []), dict(learning_rate='fast'))
+
+
+@pytest.mark.parametrize('argv, key, expected', [
+    (['--start=' + 'ROMEO ' * 1500], 'start', 'ROMEO ' * 1500),  # MemoryError in Python's parser, before
+    (['--start=' + 'x' * 100_000], 'start', 'x' * 100_000),
+    (['--start="' + 'ROMEO ' * 1500 + '"'], 'start', 'ROMEO ' * 1500),  # quoted: still parsed, as a string
+    (['--start=' + '(' * 200], 'start', '(' * 200),
+    (['--device=' + 'ROMEO ' * 1500], 'device', 'ROMEO ' * 1500),
+])
+def test_long_text_stays_text(argv, key, expected):
+    assert apply_config(DEFAULTS, argv)[key] == expected
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_size=' + '1 ' * 5000], 'batch_size must be int'),
+    (['--top_k=' + '[' * 100_000], None),  # a None default takes the text as it is
+])
+def test_long_values_of_other_settings_are_refused_or_kept_as_text(argv, message):
+    if message:
+        with pytest.raises(ConfigError, match=message):
+            apply_config(DEFAULTS, argv)
+    else:
+        assert apply_config(DEFAULTS, argv)['top_k'] == argv[0].split('=', 1)[1]

@@ -5,6 +5,7 @@ check is against something independent of the code under test: an uninterrupted 
 they were before, the one-line error contract."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,11 +118,17 @@ def test_a_second_ctrl_c_leaves_at_once(lab):
     assert not os.path.exists(os.path.join(out, 'checkpoint.json'))
 
 
-def damaged(lab, name):
+def good_checkpoint(lab):
+    """A run of 2 iterations that saved at 2, trained once for the tests that damage or extend copies of it."""
     good = lab.out('good')
     if not os.path.exists(good):
         code, _, err = faults.finish(lab.train(good, '--max_iters=2', '--eval_interval=2'))
         assert code == 0, err
+    return good
+
+
+def damaged(lab, name):
+    good = good_checkpoint(lab)
     return faults.damaged_copy(good, tempfile.mkdtemp(prefix='damaged-', dir=lab.folder),
                                {**faults.DAMAGE, **faults.RESUME_DAMAGE}[name])
 
@@ -146,6 +153,10 @@ def damaged(lab, name):
     ('iter_num a string', "iter_num must be a whole number, not '10'"),
     ('config missing', "lacks 'config'"),
     ('best.json truncated', 'best.json'),
+    ('nested 100,000 deep', 'cannot read'),
+    ('a 5,000-digit integer', 'cannot read'),
+    ('a flipped exponent bit', 'its SHA-256 differs from the one recorded when it was saved'),
+    ('weights all NaN', 'holds NaN or inf'),
 ])
 def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(lab, name, message):
     with pytest.raises(CheckpointError) as error:
@@ -158,6 +169,10 @@ def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(lab, name, message):
     ('process states not a list', 'do not load (ValueError'),
     ('optimizer groups missing', "KeyError: 'param_groups'"),
     ('optimizer file missing', 'is missing'),
+    ('evals_since_best a string', "evals_since_best must be a whole number, not 'x'"),
+    ('data_rng of another generator', 'do not load (ValueError'),
+    ('a random generator of the wrong size', 'the torch generator state is a torch.uint8 tensor of shape (7,)'),
+    ('a random generator of the wrong dtype', 'the torch generator state is a torch.float32 tensor'),
 ])
 def test_damage_only_a_resume_meets_is_refused_with_what_is_wrong(lab, name, message):
     from checkpoint import load_training_state
@@ -303,3 +318,88 @@ def test_a_full_disk_at_any_point_of_a_write_keeps_the_previous_dataset_and_chec
     replaced train.bin and deleted meta.json)."""
     counts = faults.full_disk_sweep(str(tmp_path), 10)
     assert counts['trials'] == counts['failed'] == counts['intact'] == 20 and not counts['temporaries_left'], counts
+
+
+def killed_save(folder, model, ckpt, rename):
+    """A save of a new best (iteration 99, val loss 0.5) in a child process, killed (SIGKILL) just before its rename
+    number `rename`: the model file's, the optimizer file's, then the two JSON pointers'. Forked: it holds the model
+    already, and does nothing but tiny tensor copies and file writes."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            real_replace, calls = os.replace, [0]
+
+            def replace(src, dst):
+                calls[0] += 1
+                if calls[0] == rename:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_replace(src, dst)
+            os.replace = replace
+            save_checkpoint(folder, model, None, 99, 0.5, ckpt['model_args'], ckpt['config'], ckpt['tokenizer'], best=True)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='the killed save runs in a forked child')
+@pytest.mark.parametrize('rename', [1, 2, 3, 4])
+def test_a_kill_at_each_rename_of_a_new_best_never_loses_it(lab, tmp_path, rename):
+    """A save of a new best killed before each of its four renames, then the next save (not a best): whichever
+    pointer named the new best's weights after the kill, they survive and best.json names them once the run resumes.
+    (checkpoint.json was renamed before best.json: a kill between the two left best.json naming the older weights, and
+    the next save deleted the real best.)"""
+    from checkpoint import resumed_best_val_loss
+    folder = tmp_path / 'out'
+    shutil.copytree(good_checkpoint(lab), folder)
+    model, _, ckpt = load_model(folder, which='latest')
+    killed_save(folder, model, ckpt, rename)
+    named = {read_checkpoint(folder, name)['model_file'] for name in ('checkpoint.json', 'best.json')}
+    new_best_named = 'model-0000099.safetensors' in named
+    assert new_best_named == (rename == 4)  # only the last kill comes after a pointer names the new weights
+    latest = read_checkpoint(folder)
+    # what train.py's resume does: go on from the lower best val loss, then save again (no new best)
+    best_val_loss = resumed_best_val_loss(folder, latest)
+    save_checkpoint(folder, model, None, 100, best_val_loss, latest['model_args'], latest['config'], latest['tokenizer'])
+    best = read_checkpoint(folder, 'best.json')
+    assert (best['model_file'] == 'model-0000099.safetensors') == new_best_named, best
+    assert (best_val_loss == 0.5) == new_best_named
+    load_model(folder)  # the best loads: its weights are there
+
+
+def test_readers_keep_up_with_a_run_that_saves_all_the_time(tmp_path, monkeypatch):
+    """sample.py and eval.py reading a run that saves every iteration: each read takes whichever checkpoint is there
+    when it opens the weights (it failed 20 times in 20 for `latest`, 13 for `best`, on a run saving twice a second,
+    the one re-read of checkpoint.json being too few when loading takes a while). A thread saves as fast as it can;
+    building the model is slowed to what a larger model takes."""
+    import threading
+    import checkpoint
+    torch.manual_seed(0)
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    model = GPT(GPTConfig(**args))
+    save_checkpoint(tmp_path, model, None, 0, 1.0, args, {}, None, best=True)
+    stop, saves = threading.Event(), [0]
+
+    def run_that_saves():
+        while not stop.is_set():
+            saves[0] += 1
+            save_checkpoint(tmp_path, model, None, saves[0], 1.0 / saves[0], args, {}, None, best=saves[0] % 2 == 0)
+    build = checkpoint.checkpoint_model
+
+    def slow_build(*a, **kw):
+        time.sleep(0.02)
+        return build(*a, **kw)
+    monkeypatch.setattr(checkpoint, 'checkpoint_model', slow_build)
+    saver = threading.Thread(target=run_that_saves)
+    saver.start()
+    failures = []
+    try:
+        for i in range(20):
+            try:
+                load_model(tmp_path, which=('latest', 'best')[i % 2])
+            except CheckpointError as e:
+                failures.append(str(e))
+    finally:
+        stop.set()
+        saver.join()
+    assert saves[0] > 20 and not failures, (saves[0], failures[:2])
