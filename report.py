@@ -274,7 +274,8 @@ def summary(runs):
                                   'training FLOPs per token', 'peak memory (MiB)', '(re)starts', 'events')}
     for run in runs:
         steps, evals, ends = run.kind('step'), run.kind('eval'), run.kind('end')
-        last = run.records[-1] if run.records else None
+        # the furthest record (file order can differ: an event logged by another tool after the end)
+        last = max(run.records, key=lambda r: (r['iter'], r['kind'] == 'end'), default=None)
         max_iters = run.config('max_iters')
         if last is None:
             status = 'no records'
@@ -285,7 +286,8 @@ def summary(runs):
         rows['status'].append(esc(status))
         iters = last['iter'] if last else (run.checkpoint or {}).get('iter_num')
         rows['iterations'].append(esc(fmt(iters) + (f' of {max_iters:,}' if isinstance(max_iters, int) else '')))
-        rows['wall time'].append(esc(duration(last['time'] if last and number(last.get('time')) else None)))
+        times = [r['time'] for r in run.records if number(r.get('time'))]
+        rows['wall time'].append(esc(duration(max(times) if times else None)))
         per_iter = run.facts.get('tokens_per_iter')
         rows['tokens seen'].append(esc(fmt(iters * per_iter if number(per_iter) and iters else None)))
         speeds = [r['tokens_per_sec'] for r in steps if number(r.get('tokens_per_sec'))]
@@ -390,14 +392,14 @@ def evals_section(runs):
     parts = []
     if loss_rows:
         parts.append('<h3>Loss</h3>' + table(['run', 'date', 'checkpoint (iteration)', 'data', 'tokens', 'loss',
-                                              'perplexity', 'bits/byte'], loss_rows, 'evals'))
+                                              'perplexity', 'bits/byte'], loss_rows, 'eval-loss'))
     if task_rows:
         parts.append('<h3>Multiple choice</h3>' + table(['run', 'date', 'checkpoint (iteration)', 'task', 'items',
                                                          'shots', 'acc', 'acc_norm', 'acc_token', 'chance'],
-                                                        task_rows, 'evals'))
+                                                        task_rows, 'eval-task'))
     if figure_rows:
         parts.append('<h3>Samples</h3>' + table(['run', 'date', 'checkpoint (iteration)', 'samples', *SAMPLE_FIGURES],
-                                                figure_rows, 'evals'))
+                                                figure_rows, 'eval-samples'))
     if not parts:
         return ('<p class="empty">none yet: <code>python eval.py --out_dir=OUT_DIR --samples=20</code> (and '
                 '<code>--task=...</code>) record theirs here</p>')
