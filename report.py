@@ -74,13 +74,14 @@ def cpu_name():
 def git_commit():
     """The commit this code was checked out at, '+' when it has uncommitted changes; None outside a git checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, 'GIT_OPTIONAL_LOCKS': '0'}  # read only: never take the index lock from a git command
     try:
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True, text=True,
-                                timeout=5)
+                                timeout=5, env=env)
         if commit.returncode:
             return None
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5, env=env).stdout.strip()
         return commit.stdout.strip() + ('+' if dirty else '')
     except (OSError, subprocess.SubprocessError):
         return None
