@@ -457,9 +457,10 @@ def render(runs):
             f'{body}</body></html>\n')
 
 
-def write_report(out_dirs, path, labels=None):
-    """Write the page of the runs in out_dirs at path, whole or not at all (a browser refreshing never sees half
-    of it). Returns the number of runs that had records."""
+def write_report(out_dirs, path=None, labels=None):
+    """Write the page of the runs in out_dirs at path (the first run's report.html by default), whole or not at all
+    (a browser refreshing never sees half of it). Returns the number of runs that had records."""
+    path = path or os.path.join(out_dirs[0], REPORT_NAME)
     runs = [Run(d, labels[i] if labels else None) for i, d in enumerate(out_dirs)]
     page = render(runs).encode('utf-8')
     atomic_write_bytes(path, lambda f: f.write(page))

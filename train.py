@@ -37,7 +37,7 @@ from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
 from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
-from report import REPORT_NAME, run_facts, write_report
+from report import run_facts, write_report
 from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
 
@@ -721,9 +721,9 @@ if ddp or device_type == 'cuda':  # every process's, by phase: what DDP and FSDP
 if metrics:
     metrics.log('end', iter_num, time.time() - run_start, peak_memory_mib=memory.peaks)
     try:
-        write_report([out_dir], os.path.join(out_dir, REPORT_NAME))
+        write_report([out_dir])
     except Exception as e:  # the run is saved: its page (report.py draws it again any time) must not fail it
-        print(f'note: cannot write {REPORT_NAME}: {e}')
+        print(f'note: cannot write the report page in {out_dir}: {e}')
 if wandb_log and master_process:
     wandb.finish()
 if ddp:

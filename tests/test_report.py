@@ -123,8 +123,9 @@ def printed_rows(stdout):
 
 def test_the_page_holds_what_train_and_eval_printed(runs, char_dataset):
     trained_a, trained_b = runs['trained']
-    note = [line for line in trained_b.stdout.splitlines() if REPORT_NAME in line]
-    assert len(note) == 1 and note[0].startswith(f'note: cannot write {REPORT_NAME}'), trained_b.stdout
+    note = [line for line in trained_b.stdout.splitlines() if 'cannot write' in line]
+    assert len(note) == 1 and note[0].startswith(f"note: cannot write the report page in {runs['b']}"), trained_b.stdout
+    assert 'REPORT_NAME' not in json.loads((runs['a'] / 'checkpoint.json').read_text())['config']  # not a setting
     text = runs['page'].read_text(encoding='utf-8')
     page = Page(text)
     # the curves: a point per evaluation (val) and per logged step (train) of each run in each chart, and the events
@@ -258,3 +259,25 @@ def test_the_page_in_a_browser(runs):
         inside = sum(int((np.abs(pixels[int(y):int(y + h), int(x):int(x + w)] - rgb).sum(axis=2) < 30).sum())
                      for x, y, w, h in seen['charts'])
         assert inside > 200, (color, inside)  # lines and dots of that run, in both charts
+
+
+def test_a_run_recorded_before_the_report_existed(runs, tmp_path):
+    """Only step and eval records and a checkpoint (what earlier versions left): the page draws the curves and shows
+    the checkpoint's whole config, saying so, and its data."""
+    from report import write_report
+    old = tmp_path / 'old'
+    old.mkdir()
+    shutil.copy(runs['a'] / 'checkpoint.json', old)
+    records = read_metrics(runs['a'])  # step and eval
+    (old / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records), encoding='utf-8')
+    assert write_report([old], str(old / REPORT_NAME)) == 1
+    page = Page((old / REPORT_NAME).read_text(encoding='utf-8'))
+    assert len(points(page.find('path', **{'class': 'val'})[0])) == len([r for r in records if r['kind'] == 'eval'])
+    config = json.loads((old / 'checkpoint.json').read_text())['config']
+    settings = {row[0]: row[1:] for row in page.rows('settings')[1:]}
+    assert set(settings) == set(config) and settings['seed'] == [repr(config['seed'])]
+    assert 'whole config' in page.find('p', **{'class': 'note'})[0][2]
+    facts = {row[0]: row[1:] for row in page.rows('facts')}
+    assert facts['tokenizer'] == ['a char tokenizer'] and facts['dataset'] == [config['dataset']]
+    summary = {row[0]: row[1:] for row in page.rows('figures')}
+    assert summary['iterations'] == ['12 of 12'] and summary['status'][0].startswith('running, or stopped')
