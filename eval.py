@@ -26,6 +26,7 @@ vocabulary (a checkpoint's padding rows get no probability).
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from dataset import (DatasetError, bits_per_byte, bytes_per_token, check_split, 
                      normalize_unicode, open_mask, open_split, sample_windows, unicode_form)
 from generate import generate_tokens
 from hf_gpt2 import GPT2_NAMES, HFError
+from metrics import EVALS_NAME, log_eval
 from multiple_choice import TaskError, accuracies, choice_logprobs, encode_pair, fewshot_context, load_task
 from runtime import autocast, batch_to_device, resolve_device, resolve_dtype
 from sample_quality import ngram_set, quality, self_perplexity
@@ -350,6 +352,28 @@ def task_row(model, tokenizer, entry):
     return entry, task, len(items), shots, accuracies(items, scores, counts)
 
 
+def record(entry, ckpt):
+    """Append what was just measured of entry, a checkpoint folder of train.py's, to its evals.jsonl, for its report
+    page (report.py); a folder that cannot be written to (read-only) gets a note instead."""
+    measured = dict(iter=ckpt['iter_num'], date=time.strftime('%Y-%m-%d %H:%M:%S'), checkpoint=checkpoint)
+    if task:
+        _, name, n, k, figures = task_rows[-1]
+        measured.update(task=name, items=n, shots=k,
+                        **{key: figures[key] for key in ('acc', 'acc_norm', 'acc_token', 'chance')})
+    else:
+        _, source, n, loss, ppl, bpb = rows[-1]
+        measured.update(data=source, tokens=n, train_batches=train_batches, loss=loss, perplexity=ppl,
+                        bits_per_byte=None if bpb == 'n/a' else float(bpb.rstrip('*')),  # as printed, 4 decimals
+                        lossy=bpb.endswith('*'))
+    if samples:
+        measured.update(samples=samples, sample_figures=figure_rows[-1][1], start=start, temperature=temperature)
+    try:
+        log_eval(entry, measured)
+    except OSError as e:
+        print(f'note: cannot record this evaluation in {os.path.join(entry, EVALS_NAME)}: {e.strerror}',
+              file=sys.stderr)
+
+
 if task:
     task_items, task_contexts = task_prompts()
 rows, task_rows, figure_rows = [], [], []
@@ -362,6 +386,8 @@ for entry in entries:
     if samples:
         figure_rows.append((entry, sample_figures(model, tokenizer, ckpt, entry)))
     del model
+    if ckpt is not None and os.path.isdir(entry):  # one of train.py's folders, not GPT-2's weights
+        record(entry, ckpt)
 
 
 def print_table(cells, left):

@@ -19,5 +19,6 @@ done
 # whole test files, so a file's fixtures are built once. Most of a test is starting the scripts it checks and
 # waiting on their files, which two workers overlap: on 2 cores the suite takes ~7 minutes instead of ~11.5
 workers=(-n "${TEST_WORKERS:-2}" --dist loadfile)
-echo "==> python -m pytest -q ${workers[*]}${target:+ $target} $*"
-exec "$VENV/bin/python" -m pytest -q "${workers[@]}" $target "$@"
+# -rs: a skipped test prints its reason, one line (a test skips only where the machine lacks something, e.g. chromium)
+echo "==> python -m pytest -q -rs ${workers[*]}${target:+ $target} $*"
+exec "$VENV/bin/python" -m pytest -q -rs "${workers[@]}" $target "$@"

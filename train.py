@@ -41,6 +41,7 @@ from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
 from recovery import ON_DIVERGENCE, Recovery
 from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
+from report import run_facts, write_report
 from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
 
@@ -519,6 +520,11 @@ start_iter = iter_num
 sample_tokenizer = None
 # out_dir/metrics.jsonl: the curve of this run (a resumed run continues it from the checkpoint's iteration)
 metrics = MetricsLog(out_dir, iter_num if init_from == 'resume' else None) if master_process and not eval_only else None
+if metrics:  # for the report page (report.py): this start's settings, machine, versions and data
+    metrics.log('run', iter_num, 0.0, **run_facts(config, device, dtype, ddp_world_size, dataset=data_dir,
+                tokenizer=meta['tokenizer'], vocab_size=meta['vocab_size'], split_tokens=split_lengths,
+                parameters=raw_model.get_num_params(), flops_per_token=raw_model.flops_per_token(),
+                tokens_per_iter=tokens_per_iter, peak_flops=device_peak))
 run_start = time.time()
 show_bar = master_process and not eval_only and (sys.stdout.isatty() if progress is None else progress)
 bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True, file=sys.stdout) if show_bar else None
@@ -587,6 +593,8 @@ def draw_sample():
                              sync=processes.same_as_master if fsdp else None)[0]
     raw_model.train()
     say(f'sample at step {iter_num}: {sample_tokenizer.decode(ids) + text!r}')
+    if metrics:
+        metrics.log('sample', iter_num, time.time() - run_start, text=sample_tokenizer.decode(ids) + text)
 
 
 def redraw_plot():
@@ -827,6 +835,12 @@ if ddp or device_type == 'cuda':  # every process's, by phase: what DDP and FSDP
     phases = processes.gather(memory.peaks)
     if master_process and all(phases):
         print(MemoryPhases.summary(phases, device))
+if metrics:
+    metrics.log('end', iter_num, time.time() - run_start, peak_memory_mib=memory.peaks)
+    try:
+        write_report([out_dir])
+    except Exception as e:  # the run is saved: its page (report.py draws it again any time) must not fail it
+        print(f'note: cannot write the report page in {out_dir}: {e}')
 if wandb_log and master_process:
     wandb.finish()
 if ddp:

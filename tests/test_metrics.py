@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import read_checkpoint
 from conftest import TINY_TRAIN, assert_clean_error, final_weights, run, val_losses
-from metrics import MetricsLog, plot_runs, read_metrics
+from metrics import KINDS, MetricsLog, plot_runs, read_metrics
 
 
 def train(dataset, out, *args, check=True):
@@ -85,7 +85,7 @@ def test_a_rewind_drops_the_steps_undone_and_an_event_is_drawn(tmp_path):
         if folder == marked:
             log.log('event', 5, 1.0, what='divergence', detail='the loss is not finite at iteration 9: back to 5')
         log.log('step', 6, 1.1, train_loss=2.5)
-    assert [(r['kind'], r['iter']) for r in read_metrics(marked)] == [('step', i) for i in range(1, 6)] + [
+    assert [(r['kind'], r['iter']) for r in read_metrics(marked, KINDS)] == [('step', i) for i in range(1, 6)] + [
         ('event', 5), ('step', 6)]
     plot_runs([plain], str(tmp_path / 'plain.png'))
     plot_runs([marked], str(tmp_path / 'marked.png'))
