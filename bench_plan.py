@@ -4,7 +4,7 @@ against the peak train.py measures in its training phase (a few iterations), on 
 process's resident memory.
 
     python bench_plan.py              # the table in the README (~10 minutes on 2 cores)
-    python bench_plan.py --quick      # its first two rows
+    python bench_plan.py 6 7          # its rows 6 and 7
 
 Each row is two fresh processes with the same settings on the shipped Tiny Shakespeare (prepared first if it is
 not): `train.py ... --plan`, whose prediction includes the process's own baseline (its resident memory when the
@@ -24,25 +24,22 @@ import bench_memory
 from configurator import fail
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-COMMON = ['--device=cpu', '--compile=False', '--dropout=0.0', '--bias=False', '--gradient_accumulation_steps=2',
+COMMON = ['--device=cpu', '--compile=False', '--dropout=0.0', '--bias=False',
           '--eval_iters=1', '--eval_interval=1000', '--log_interval=1', '--warmup_iters=0', '--plot=False',
           '--always_save_checkpoint=False']
+NARROW = ['--n_layer=6', '--n_head=8', '--n_embd=256']  # activations dominate
+WIDE = ['--n_layer=6', '--n_head=8', '--n_embd=512', '--block_size=32', '--batch_size=2']  # the training state does
 # (name, processes, train.py settings): sizes, block sizes, checkpointing, optimizers, DDP and FSDP
 CONFIGS = [
-    ('6x256, context 256, batch 16', 1, ['--n_layer=6', '--n_head=8', '--n_embd=256', '--block_size=256', '--batch_size=16']),
-    ('the same, checkpointing', 1, ['--n_layer=6', '--n_head=8', '--n_embd=256', '--block_size=256', '--batch_size=16',
-                                    '--activation_checkpointing=True']),
-    ('6x256, context 128, Muon', 1, ['--n_layer=6', '--n_head=8', '--n_embd=256', '--block_size=128', '--batch_size=16',
-                                     '--optimizer=muon']),
-    ('8x768, context 32, batch 2', 1, ['--n_layer=8', '--n_head=12', '--n_embd=768', '--block_size=32', '--batch_size=2']),
-    ('8x768, Muon', 1, ['--n_layer=8', '--n_head=12', '--n_embd=768', '--block_size=32', '--batch_size=2',
-                        '--optimizer=muon']),
-    ('8x768, 2 x DDP', 2, ['--n_layer=8', '--n_head=12', '--n_embd=768', '--block_size=32', '--batch_size=2',
-                           '--parallel=ddp']),
-    ('8x768, 2 x FSDP', 2, ['--n_layer=8', '--n_head=12', '--n_embd=768', '--block_size=32', '--batch_size=2',
-                            '--parallel=fsdp']),
+    ('6x256, context 256, batch 8', 1, [*NARROW, '--block_size=256', '--batch_size=8']),
+    ('the same, checkpointing', 1, [*NARROW, '--block_size=256', '--batch_size=8', '--activation_checkpointing=True']),
+    ('6x256, context 128, batch 16, Muon', 1, [*NARROW, '--block_size=128', '--batch_size=16', '--optimizer=muon']),
+    ('6x512, context 32, batch 2', 1, WIDE),
+    ('6x512, Muon', 1, [*WIDE, '--optimizer=muon']),
+    ('6x512, 2 x DDP', 2, [*WIDE, '--parallel=ddp']),
+    ('6x512, 2 x FSDP', 2, [*WIDE, '--parallel=fsdp']),
     ('4x256, context 512, 2 x FSDP, ckpt', 2, ['--n_layer=4', '--n_head=8', '--n_embd=256', '--block_size=512',
-                                               '--batch_size=8', '--parallel=fsdp', '--activation_checkpointing=True']),
+                                               '--batch_size=4', '--parallel=fsdp', '--activation_checkpointing=True']),
 ]
 PREDICTED_RE = re.compile(r'^  predicted peak +([\d,.]+)', re.M)
 # one process: train.py run as __main__, then its MemoryPhases read (train.py prints them under torchrun only)
@@ -73,17 +70,19 @@ def measure(nproc, args):
 
 
 def main(argv):
-    if argv not in ([], ['--quick']):
-        fail(f'unknown arguments {" ".join(argv)}: use --quick or nothing')
+    if not all(arg.isdigit() and 1 <= int(arg) <= len(CONFIGS) for arg in argv):
+        fail(f'unknown arguments {" ".join(argv)}: give row numbers, 1 to {len(CONFIGS)}, or nothing for every row')
     os.environ.update(OMP_NUM_THREADS='1', MALLOC_MMAP_THRESHOLD_='65536')
     dataset = os.path.join(ROOT, 'data', 'shakespeare_char')
     if not os.path.exists(os.path.join(dataset, 'train.bin')):
         subprocess.run([sys.executable, os.path.join(dataset, 'prepare.py')], check=True, capture_output=True)
-    configs = CONFIGS[:2] if argv else CONFIGS
+    configs = [CONFIGS[int(arg) - 1] for arg in argv] if argv else CONFIGS
     print(f'{"configuration":36}{"processes":>10}{"predicted MiB":>15}{"measured MiB":>14}{"ratio":>8}')
     worst = 0.0
     for name, nproc, args in configs:
-        predicted, measured, _ = measure(nproc, [f'--dataset={dataset}', *COMMON, *args])
+        # one micro-step per process
+        predicted, measured, _ = measure(nproc, [f'--dataset={dataset}', *COMMON, *args,
+                                                 f'--gradient_accumulation_steps={nproc}'])
         worst = max(worst, abs(predicted / measured - 1))
         print(f'{name:36}{nproc:>10}{predicted:>15,.0f}{measured:>14,.0f}{predicted / measured:>8.2f}', flush=True)
     print(f'largest error: {worst:.1%} (train.py settings beside each row: bench_plan.py CONFIGS; common: {" ".join(COMMON)})')

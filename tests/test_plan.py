@@ -100,7 +100,7 @@ def test_memory_parts_are_those_of_a_real_training_step(optimizer, tie):
 
 
 # a training step as train.py takes it, measured in a fresh process: the resident memory before the model is the
-# baseline of the prediction, the peak of two steps after the first (which creates the optimizer state) is measured
+# baseline of the prediction, the peak of the step after the first (which creates the optimizer state) is measured
 MEASURE = '''
 import gc, sys, torch
 from model import GPT, GPTConfig
@@ -115,7 +115,7 @@ for settings, batch_size, optimizer, checkpointing in CASES:
     model.activation_checkpointing = checkpointing
     optim = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer)
     memory = MemoryPhases('cpu', 'first step')
-    for step in range(3):
+    for step in range(2):
         if step == 1:
             memory.enter('training')
         idx = torch.randint(config.vocab_size, (batch_size, config.block_size))
@@ -131,10 +131,10 @@ for settings, batch_size, optimizer, checkpointing in CASES:
     del model, optim, loss
 '''
 CASES = [
-    # activations dominate: a long context on a narrow model
-    (dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=128, bias=False), 16, 'adamw', False),
-    # the weights, gradients and optimizer state dominate (Muon's), with checkpointing
-    (dict(n_layer=4, n_head=12, n_embd=768, block_size=32, vocab_size=128, bias=False), 2, 'muon', True),
+    # activations dominate: a long context on a narrow model, Muon's state
+    (dict(n_layer=4, n_head=2, n_embd=64, block_size=256, vocab_size=128, bias=False), 32, 'muon', False),
+    # the weights, gradients and AdamW's state dominate, with checkpointing
+    (dict(n_layer=3, n_head=12, n_embd=768, block_size=32, vocab_size=128, bias=False), 2, 'adamw', True),
 ]
 
 
