@@ -10,8 +10,8 @@ which applies, in order, any config files and --key=value arguments from the com
 
 A config file is a Python file whose top-level assignments override the defaults. --key=value values
 are parsed as Python literals (--dropout=0.1, --compile=False) and otherwise kept as strings
-(--device=cuda). A value must have its default's type (an int may stand for a float, anything may
-replace a None default). Mistakes end the program with a one-line error and exit code 2; --help lists every
+(--device=cuda); a bare --flag turns a boolean setting on (--plan is --plan=True). A value must have its
+default's type (an int may stand for a float, anything may replace a None default). Mistakes end the program with a one-line error and exit code 2; --help lists every
 key with its default and comment.
 """
 import ast
@@ -178,6 +178,8 @@ def apply_config(defaults, argv, positional=None, aliases=None, auto=()):
                 assign(key, value)
         else:
             key, sep, raw = arg[2:].partition('=')
+            if not sep and isinstance(defaults.get(aliases.get(key, key)), bool):
+                sep, raw = '=', 'True'  # a bare --flag turns a boolean setting on (train.py --plan)
             if not sep or not key:
                 raise ConfigError(f'malformed argument {arg!r}: use --key=value')
             key = aliases.get(key, key)

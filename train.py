@@ -39,8 +39,9 @@ from metrics import PLOT_NAME, MetricsLog, plot_runs
 from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
-from recovery import ON_DIVERGENCE, Recovery
 from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
+from plan import show_plan
+from recovery import ON_DIVERGENCE, Recovery
 from report import run_facts, write_report
 from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
@@ -118,6 +119,7 @@ spike_factor = 4.0  # with 'recover': a step's loss above this multiple of the m
 spike_window = 50
 max_recoveries = 3  # with 'recover': the divergence after this many recoveries stops the run
 recovery_lr_scale = 0.5  # each recovery multiplies the learning rate by this
+plan = False  # print what this run will cost (parameters, FLOPs, memory per process by part, tokens/s, time) and exit
 # every other GPTConfig field is a setting too, with the model's default (the vocabulary comes from the data)
 for _field in dataclasses.fields(GPTConfig):
     if _field.name not in ('vocab_size', 'real_vocab_size'):
@@ -280,7 +282,7 @@ if ddp and processes.differs((meta, split_lengths)):
 for split, length in split_lengths.items():
     if length <= block_size:
         fail(f'{data_dir}/{split}.bin holds {length} tokens, too few for block_size={block_size}: use a smaller --block_size or more text')
-if master_process and not eval_only:
+if master_process and not eval_only and not plan:
     # one run at a time writes into out_dir; the lock lasts as long as this process. Taken once the settings and
     # the data are known to be good: a run that cannot start creates nothing
     try:
@@ -436,6 +438,13 @@ if compile and not fsdp:
     model = torch.compile(model)
 if ddp and not fsdp:
     model = replicate(model, device_type, processes.local_rank)
+if plan:  # the run's cost, predicted and measured in a few steps (plan.py), and no training
+    show_plan(model, raw_model, optim, scaler, ctx, dtype, config, gradient_accumulation_steps, ddp_world_size if ddp else 0,
+              iter_num, master_process, device)
+    if ddp:
+        processes.leave()
+    sys.stdout.flush()
+    os._exit(0)  # as at the end of a run under torchrun: without the interpreter's teardown (Gloo's threads)
 
 
 @torch.no_grad()

@@ -22,6 +22,11 @@ def test_literal_parsing_and_types():
     assert apply_config(DEFAULTS, ['--start=a=b'])['start'] == 'a=b'
 
 
+def test_a_bare_flag_turns_a_boolean_on():
+    assert apply_config(dict(DEFAULTS, compile=False), ['--compile'])['compile'] is True
+    assert apply_config(DEFAULTS, ['--compile', '--compile=False'])['compile'] is False  # the last one wins
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--batch_size=3.5'], 'batch_size must be int'),
     (['--compile=1'], 'compile must be bool'),
