@@ -312,9 +312,8 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
                   top_p=None, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, stop=(), use_cache=True,
                   on_text=None, progress=False, generator=None, sync=None):
     """Complete the prompt (a list of token ids) num_samples times; returns the completions as strings.
-    A completion ends after max_new_tokens tokens (without the bytes of a character they cut in two), at the
-    tokenizer's end-of-text token, or just before the first of the stop strings; neither the end-of-text nor the
-    stop string is part of it.
+    A completion ends after max_new_tokens tokens, at the tokenizer's end-of-text token, or just before
+    the first of the stop strings; neither the end-of-text nor the stop string is part of it.
     on_text(row, text) receives each completion's new text as soon as it is final: while sampling, it
     streams; beam search only knows its winner at the end. Stop strings cut beam search's winner afterwards.
     generator and sync: see generate_tokens (sampling only)."""
@@ -375,10 +374,6 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
         text = _completion(tokenizer, prompt_ids, tokens, prompt_text)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         text = text[:cut] if cut >= 0 else text
-        if cut < 0 and len(tokens) == max_new_tokens:
-            # cut by max_new_tokens inside a character (a byte-level BPE's bytes of one): leave the bytes out, which
-            # decode as U+FFFD
-            text = text.rstrip('\ufffd')
         if on_text:
             start = shown[row] if num_beams == 1 else 0
             if len(text) > start:

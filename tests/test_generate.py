@@ -301,22 +301,6 @@ def test_generate_text_never_picks_padding_ids_and_streams_its_completion():
     assert text == tokenizer.decode(torch.cat(tokens)) and ''.join(pieces) == text and len(pieces) > 1
 
 
-def test_a_sample_cut_inside_a_character_leaves_the_character_out():
-    """A byte-level BPE writes 'é' as two byte tokens: a sample that max_new_tokens cuts between them ends before the
-    character (before, it ended in U+FFFD), sampled or beam-searched, streamed or not; given both bytes, it is whole."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    tokenizer = make_tokenizer('bpe', [TEXT], vocab_size=280)
-    first, second = (tokenizer._tok.token_to_id(bytes_to_unicode()[b]) for b in 'é'.encode())
-    prompt = tokenizer.encode('ROMEO:')
-    model = TableModel({(): {first: 1.0}, (first,): {second: 1.0}}, tokenizer.vocab_size, len(prompt))
-    for n, expected in ((1, ''), (2, 'é')):
-        for num_beams in (1, 2):
-            pieces = []
-            [text] = generate_text(model, tokenizer, prompt, max_new_tokens=n, temperature=0, num_beams=num_beams,
-                                   use_cache=False, on_text=lambda row, piece: pieces.append(piece))
-            assert text == ''.join(pieces) == expected, (n, num_beams)
-
-
 def test_stop_strings_and_end_of_text_end_a_completion():
     model, tokenizer = char_model()
     ids = tokenizer.encode('JULIET:')

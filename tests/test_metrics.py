@@ -94,13 +94,14 @@ def test_a_rewind_drops_the_steps_undone_and_an_event_is_drawn(tmp_path):
 
 def test_autosave_between_evaluations(char_dataset, tmp_path):
     """save_interval saves on its own schedule: with learning_rate 0 the last evaluation finds no better val loss and,
-    with always_save_checkpoint off, saves nothing, so the checkpoint left is the autosave's."""
+    with always_save_checkpoint off, saves nothing; the run's last state is then saved at the end (before #21, the
+    checkpoint left was the autosave's of iteration 6)."""
     out = tmp_path / 'out'
     proc = train(char_dataset, out, '--max_iters=7', '--eval_interval=1000', '--save_interval=3', '--learning_rate=0',
                  '--always_save_checkpoint=False')
     assert [l for l in proc.stdout.splitlines() if l.startswith('saving')] == [
-        f'saving checkpoint to {out} (iteration 3)', f'saving checkpoint to {out} (iteration 6)']
-    assert read_checkpoint(out)['iter_num'] == 6
+        f'saving checkpoint to {out} (iteration {i})' for i in (3, 6, 7)]
+    assert read_checkpoint(out)['iter_num'] == 7
 
 
 def test_samples_at_evaluations_leave_training_untouched(char_dataset, tmp_path):
