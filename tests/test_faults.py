@@ -66,7 +66,7 @@ def test_a_kill_in_each_phase_of_a_save_keeps_the_previous_checkpoint(lab, renam
     code, _, err = faults.finish(lab.train(out, '--init_from=resume', '--max_iters=6', '--eval_interval=2'))
     assert code == 0, err
     assert sorted(os.listdir(out)) == ['.lock', 'best.json', 'checkpoint.json', 'loss.png', 'metrics.jsonl',
-                                       'model-0000006.safetensors', 'optimizer-0000006.safetensors']
+                                       'model-0000006.safetensors', 'optimizer-0000006.safetensors', 'report.html']
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(lab):

@@ -322,7 +322,7 @@ def test_test_command_installs_dev_requirements_and_passes_arguments_to_pytest(t
     m = Machine(tmp_path, torch='2.13.0+cpu')
     ok(m.run(script, *args, root=repo))
     assert m.installs() == [['--quiet', '-r', str(repo / 'requirements-dev.txt')]]
-    assert m.calls()[-1] == ['-m', 'pytest', '-q', *pytest_args]
+    assert m.calls()[-1] == ['-m', 'pytest', '-q', '-rs', *pytest_args]
 
 
 def test_tiny_shakespeare_ships_with_the_repository_byte_for_byte():

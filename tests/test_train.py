@@ -31,7 +31,7 @@ def test_training_lowers_loss_and_writes_a_loadable_checkpoint(char_dataset, tmp
     assert ckpt['config']['max_iters'] == 60 and ckpt['model_args']['n_layer'] == 2
     assert sorted(p.name for p in out.iterdir()) == [  # .lock: kept, it marks the folder while a run trains
         '.lock', 'best.json', 'checkpoint.json', 'loss.png', 'metrics.jsonl', 'model-0000060.safetensors',
-        'optimizer-0000060.safetensors']
+        'optimizer-0000060.safetensors', 'report.html']
     model, _, _ = load_model(out)
     assert model.config.vocab_size == 64  # the tokenizer's 23 characters, padded to a multiple of 64
 
