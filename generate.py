@@ -121,8 +121,8 @@ def check_controls(temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.
                    length_penalty=1.0, max_new_tokens=1, num_samples=1):
     """Raise ValueError, with a one-line message, on settings that mean nothing."""
     if not 0 <= temperature < math.inf:  # nan and inf too: they make every probability nan
-        raise ValueError(f'temperature={temperature} must be a finite number >= 0: 0 for greedy decoding, 1.0 samples '
-                         f'the model as it is')
+        raise ValueError(f'temperature={temperature} is negative or not finite: use 0 for greedy decoding or a finite '
+                         f'positive value')
     if top_k is not None and top_k < 0:
         raise ValueError(f'top_k={top_k} is negative: use a positive number of tokens, or 0 / None for no limit')
     if top_p is not None and not 0 < top_p <= 1:

@@ -187,7 +187,7 @@ elif init_from != 'scratch' and os.path.isfile(os.path.join(init_from, CHECKPOIN
 # -----------------------------------------------------------------------------
 
 
-MAX_LEARNING_RATE = 1e6  # far above any that trains; Adam's first step, learning_rate / (1 - beta1), overflows float32 near 3e37
+MAX_LEARNING_RATE = 1e30  # Adam's first step, learning_rate / (1 - beta1), must fit float32 (3.4e38) or Adam raises
 
 
 def check_settings():
@@ -207,7 +207,7 @@ def check_settings():
     for key in ('learning_rate', 'min_lr', 'muon_lr'):
         if not config[key] <= MAX_LEARNING_RATE:  # inf and nan too
             fail(f'{key}={config[key]} must be a number of at most {MAX_LEARNING_RATE:g} (1e-4 to 1e-2 are usual): '
-                 f"far larger ones overflow the optimizer's float32 arithmetic")
+                 f"larger ones overflow the optimizer's float32 arithmetic")
     if config['threads'] > 4 * (os.cpu_count() or 1):  # each thread's stack and buffers: 100,000 of them exhaust memory
         fail(f"threads={config['threads']} is more than 4 per core of this machine's {os.cpu_count()}: use at most "
              f'{4 * (os.cpu_count() or 1)}, or 0 for torch\'s default')

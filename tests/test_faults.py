@@ -392,9 +392,12 @@ def test_readers_keep_up_with_a_run_that_saves_all_the_time(tmp_path, monkeypatc
     monkeypatch.setattr(checkpoint, 'checkpoint_model', slow_build)
     saver = threading.Thread(target=run_that_saves)
     saver.start()
-    failures = []
+    failures, seen = [], 0
     try:
         for i in range(20):
+            while saves[0] == seen:  # every read races at least one save, however slow the machine
+                time.sleep(0.001)
+            seen = saves[0]
             try:
                 load_model(tmp_path, which=('latest', 'best')[i % 2])
             except CheckpointError as e:
@@ -402,4 +405,4 @@ def test_readers_keep_up_with_a_run_that_saves_all_the_time(tmp_path, monkeypatc
     finally:
         stop.set()
         saver.join()
-    assert saves[0] > 20 and not failures, (saves[0], failures[:2])
+    assert saves[0] >= 20 and not failures, (saves[0], failures[:2])

@@ -317,7 +317,7 @@ def test_a_gguf_file_named_as_the_tokenizer_is_read_from_its_folder(tmp_path, mo
     (tmp_path / 'gemma.gguf').write_bytes(b'GGUF')
     with pytest.raises(TokenizerError):
         make_tokenizer('hf', name=str(tmp_path / 'gemma.gguf'))
-    assert calls == [(str(tmp_path), {'gguf_file': 'gemma.gguf'})]
+    assert calls == [(str(tmp_path), {'trust_remote_code': False, 'gguf_file': 'gemma.gguf'})]
 
 
 def test_word_vocabulary_settings_unknown_rate_and_an_automatic_val_split(tmp_path):

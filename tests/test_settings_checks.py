@@ -13,9 +13,9 @@ from tokenizer import HFTokenizer, TokenizerError
 
 
 @pytest.mark.parametrize('bad, message', [
-    (dict(temperature=math.inf), 'temperature=inf must be a finite number >= 0'),
-    (dict(temperature=math.nan), 'temperature=nan must be a finite number >= 0'),
-    (dict(temperature=-1.0), 'temperature=-1.0 must be a finite number >= 0'),
+    (dict(temperature=math.inf), 'temperature=inf is negative or not finite'),
+    (dict(temperature=math.nan), 'temperature=nan is negative or not finite'),
+    (dict(temperature=-1.0), 'temperature=-1.0 is negative or not finite'),
     (dict(repetition_penalty=math.inf), 'repetition_penalty=inf must be positive'),
     (dict(repetition_penalty=math.nan), 'repetition_penalty=nan must be positive'),
 ])
