@@ -236,3 +236,25 @@ def configure(namespace, argv=None, positional=None, aliases=None, auto=()):
         fail(e)
     namespace.update(config)
     return config
+
+
+def run_folder_arguments(argv, doc, out_example, script_example):
+    """The arguments of a command that reads training runs (plot.py, report.py): run folders, and --out=FILE
+    (None when not given). --help prints doc and exits; a mistake ends the program with one line."""
+    out, runs = None, []
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            try:
+                print(doc.strip())
+            except BrokenPipeError:  # --help | head
+                pass
+            sys.exit(0)
+        if arg.startswith('--out='):
+            out = arg[len('--out='):]
+        elif arg.startswith('--'):
+            fail(f'unknown option {arg}: the arguments are run folders, and --out={out_example}')
+        else:
+            runs.append(arg)
+    if not runs:
+        fail(f'name at least one run folder (an out_dir of train.py), e.g. {script_example}')
+    return runs, out

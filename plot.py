@@ -10,24 +10,12 @@ wall time, which compares runs of different speed. train.py refreshes out_dir/lo
 import os
 import sys
 
-from configurator import fail
+from configurator import fail, run_folder_arguments
 from metrics import METRICS_NAME, PLOT_NAME, plot_runs
 
 
 def main(argv):
-    out, runs = None, []
-    for arg in argv:
-        if arg in ('-h', '--help'):
-            print(__doc__.strip())
-            return
-        if arg.startswith('--out='):
-            out = arg[len('--out='):]
-        elif arg.startswith('--'):
-            fail(f'unknown option {arg}: the arguments are run folders, and --out=FILE.png')
-        else:
-            runs.append(arg)
-    if not runs:
-        fail('name at least one run folder (an out_dir of train.py), e.g. python plot.py out-shakespeare-char-cpu')
+    runs, out = run_folder_arguments(argv, __doc__, 'FILE.png', 'python plot.py out-shakespeare-char-cpu')
     missing = [r for r in runs if not os.path.exists(os.path.join(r, METRICS_NAME))]
     if missing:
         fail(f'{missing[0]} has no {METRICS_NAME}: is it an out_dir of train.py (a run of this version or later)?')

@@ -23,7 +23,7 @@ import sys
 import time
 
 from atomic_write import atomic_write_bytes
-from configurator import fail
+from configurator import fail, run_folder_arguments
 from metrics import KINDS, METRICS_NAME, read_evals, read_metrics
 from tokenizer import tokenizer_name
 
@@ -468,19 +468,7 @@ def write_report(out_dirs, path=None, labels=None):
 
 
 def main(argv):
-    out, runs = None, []
-    for arg in argv:
-        if arg in ('-h', '--help'):
-            print(__doc__.strip())
-            return
-        if arg.startswith('--out='):
-            out = arg[len('--out='):]
-        elif arg.startswith('--'):
-            fail(f'unknown option {arg}: the arguments are run folders, and --out=FILE.html')
-        else:
-            runs.append(arg)
-    if not runs:
-        fail('name at least one run folder (an out_dir of train.py), e.g. python report.py out-shakespeare-char')
+    runs, out = run_folder_arguments(argv, __doc__, 'FILE.html', 'python report.py out-shakespeare-char')
     for folder in runs:
         if not os.path.isdir(folder):
             fail(f'{folder} is not a folder: name the out_dir of a training run')
