@@ -4,7 +4,8 @@ during training) and meta.json, which says how to read them and which tokenizer 
 
 meta.json keys: tokenizer (the tokenizer's description, see tokenizer.py), vocab_size, dtype ('uint16'
 or 'uint32'), and whatever statistics the prepare script recorded (train_tokens, val_tokens,
-bytes_per_token, ...).
+bytes_per_token, ...); prepare.py's also the cleaning it gave the text (cleaning: clean_wiki,
+unescape_html, normalize, normalize_whitespace), which eval.py gives a --text.
 
 A chat dataset (prepare_chat.py) also holds train.mask.bin and val.mask.bin: one uint8 per token, 1 where the token
 is the assistant's (a reply's text and its end-of-turn), the only targets its loss counts; meta.json says chat: true,
@@ -27,6 +28,7 @@ from atomic_write import atomic_write_bytes, fsync_dir, remove_dead_temporaries
 from tokenizer import KINDS, TOKENIZER_FILE
 
 META_NAME = 'meta.json'
+UNICODE_FORMS = ('NFC', 'NFKC', 'NFD', 'NFKD')
 
 
 class DatasetError(Exception):
@@ -161,6 +163,9 @@ META_STATS = {
     'bytes_per_token': ((int, float), 'a number'),
     'lossless': (bool, 'true or false'), 'chat': (bool, 'true or false'),
 }
+# prepare.py's cleaning options (cleaning.py), which eval.py applies to a --text: each one there when 'cleaning' is
+CLEANING_FIELDS = {'clean_wiki': (bool, 'true or false'), 'unescape_html': (bool, 'true or false'),
+                   'normalize': (str, 'a Unicode normal form'), 'normalize_whitespace': (bool, 'true or false')}
 
 
 def _damaged(path, folder, what):
@@ -183,16 +188,17 @@ def _read_json(path, folder, limit):
     return value
 
 
-def _check_field(path, folder, meta, key, kinds, what, required=False):
+def _check_field(path, folder, meta, key, kinds, what, required=False, name=None):
+    name = name or key  # how the message names the field
     if key not in meta:
         if required:
-            raise _damaged(path, folder, f'it lacks {key!r}')
+            raise _damaged(path, folder, f'it lacks {name!r}')
         return
     value, kinds = meta[key], kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON's true is no number
-        raise _damaged(path, folder, f'{key} must be {what}, not {value!r:.60}')
+        raise _damaged(path, folder, f'{name} must be {what}, not {value!r:.60}')
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
-        raise _damaged(path, folder, f'{key} must not be negative, not {value!r:.60}')
+        raise _damaged(path, folder, f'{name} must not be negative, not {value!r:.60}')
 
 
 def load_meta(folder):
@@ -217,6 +223,13 @@ def load_meta(folder):
                                      f"not {meta['vocab_size']:,}")
     for key, (kinds, what) in META_STATS.items():
         _check_field(path, folder, meta, key, kinds, what)
+    _check_field(path, folder, meta, 'cleaning', dict, "an object (prepare.py's cleaning options)")
+    cleaning = meta.get('cleaning', {})
+    for key, (kinds, what) in CLEANING_FIELDS.items():
+        _check_field(path, folder, cleaning, key, kinds, what, required='cleaning' in meta, name=f'cleaning.{key}')
+    if cleaning.get('normalize', '') not in UNICODE_FORMS + ('',):
+        raise _damaged(path, folder, f"cleaning.normalize must be one of {', '.join(UNICODE_FORMS)} or '', "
+                                     f"not {cleaning['normalize']!r:.60}")
     own = meta['tokenizer'].get('tokenizer_file')
     if own is not None:
         if not isinstance(own, str) or os.path.basename(own) != own or own in ('', '.', '..'):
@@ -364,9 +377,6 @@ def read_text(input_path, url, cache_path, encoding_errors='strict'):
     if not text:
         raise DatasetError(f'{path} is empty: nothing to train on')
     return text
-
-
-UNICODE_FORMS = ('NFC', 'NFKC', 'NFD', 'NFKD')
 
 
 def unicode_form(form):

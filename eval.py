@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, is_hf_source, load_model
+from cleaning import NFC_ONLY, clean
 from configurator import configure, fail
 from dataset import (DatasetError, bits_per_byte, bytes_per_token, check_split, dataset_dir, decode_utf8, load_meta,
                      normalize_unicode, open_mask, open_split, sample_windows, unicode_form)
@@ -55,9 +56,9 @@ block_size = 0  # tokens per window; 0 is each model's block_size
 max_tokens = 0  # score only the first max_tokens tokens; 0 scores them all
 train_batches = False  # draw random batches exactly as train.py's evaluation does (its seed, batch_size, block_size)
 eval_iters = 0  # with train_batches: batches to draw; 0 is the checkpoint's eval_iters
-drop_unknown = False  # drop text characters the vocabulary lacks instead of stopping with an error
+drop_unknown = False  # drop text characters the vocabulary lacks instead of stopping with an error (the table says how many)
 encoding_errors = 'strict'  # --text that is not UTF-8: 'strict' stops with an error, 'replace' or 'ignore' its bad bytes
-normalize = 'NFC'  # Unicode normal form of --text and of the samples' prompt, as prepare.py normalises corpora; '' keeps them as they are
+normalize = 'NFC'  # Unicode normal form of the samples' prompt, of task items, and of --text for a model whose dataset recorded no cleaning (else --text gets that cleaning); '' keeps them as they are
 progress = True  # a progress bar per model (on stderr)
 samples = 0  # > 0: also generate this many samples per model and print their figures (sample_quality.py): variety, repetition, copying from train, self-perplexity
 sample_tokens = 200  # tokens per sample (at most the model's block_size, with the prompt)
@@ -132,8 +133,35 @@ def load(entry):
         fail(e)
 
 
-def text_tokens(tokenizer):
-    """The text file's token ids, and the UTF-8 bytes of the text they encode per token."""
+def text_cleaning(entry, tokenizer, ckpt):
+    """The cleaning prepare.py recorded for the dataset the model was trained on (meta.json's 'cleaning'), so that
+    --text reads like the corpus did; without one (a dataset of data/*/prepare.py, weights not trained here, a
+    dataset no longer at hand), --normalize alone, as before, and a note once."""
+    name = ckpt['config'].get('dataset') if ckpt else None
+    why = 'it was not trained here'
+    if name:
+        folder = dataset_dir(name)
+        try:
+            meta = load_meta(folder)
+            if 'cleaning' in meta and tokenizers_match(tokenizer.describe(), meta['tokenizer']):
+                return meta['cleaning']
+            why = (f'{folder} now holds a dataset of another tokenizer' if 'cleaning' in meta
+                   else f'its dataset {folder} recorded none')
+        except DatasetError:
+            why = f'its dataset {folder} is not at hand'
+    if not cleaning_notes:
+        print(f'note: --text gets Unicode form {normalize or "(none)"} (--normalize) alone for {entry}: {why}, so the '
+              f"cleaning its corpus had (HTML entities, whitespace) is unknown", file=sys.stderr)
+    cleaning_notes.append(entry)
+    return dict(NFC_ONLY, normalize=normalize)
+
+
+cleaning_notes = []  # the models whose --text got --normalize alone: the note is printed once
+
+
+def text_tokens(entry, tokenizer, ckpt):
+    """The text file's token ids, cleaned as the model's corpus was; the UTF-8 bytes of the text they encode per
+    token; and with drop_unknown, (characters dropped, characters of the cleaned text)."""
     if not os.path.isfile(text):
         fail(f'text file {text} not found')
     with open(text, 'rb') as f:
@@ -141,14 +169,16 @@ def text_tokens(tokenizer):
             content = decode_utf8(f.read(), text, encoding_errors)
         except DatasetError as e:
             fail(e)
-    content = normalize_unicode(content, normalize)
+    content = clean(content, text_cleaning(entry, tokenizer, ckpt))
+    dropped = None
     if drop_unknown:
-        content = tokenizer.drop_unknown(content)
+        kept = tokenizer.drop_unknown(content)
+        dropped, content = (len(content) - len(kept), len(content)), kept
     try:
         ids = tokenizer.encode(content)
     except TokenizerError as e:
         fail(f'{text}: {e}')
-    return np.array(ids, dtype=np.int64), len(content.encode('utf-8')) / max(1, len(ids))
+    return np.array(ids, dtype=np.int64), len(content.encode('utf-8')) / max(1, len(ids)), dropped
 
 
 def split_tokens(entry, tokenizer, ckpt):
@@ -269,8 +299,10 @@ def loss_row(model, tokenizer, ckpt, entry):
     dataset the tokens are the assistant's, the only ones its loss counts (as train.py's)."""
     mask = None
     if text:
-        source = text
-        ids, bpt = text_tokens(tokenizer)
+        ids, bpt, dropped = text_tokens(entry, tokenizer, ckpt)
+        # what was dropped is not scored: its share says how far the figures are from the whole text's
+        source = text if dropped is None else (f'{text}, dropped {dropped[0]:,} of {dropped[1]:,} characters '
+                                               f'({dropped[0] / max(1, dropped[1]):.2%})')
     else:
         ids, mask, folder, meta = split_tokens(entry, tokenizer, ckpt)
         source = f'{folder} {split}' + (' (replies)' if mask is not None else '')

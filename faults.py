@@ -556,6 +556,13 @@ DATASET_DAMAGE = {
     'tokenizer a string': edit_meta(lambda m: m.update(tokenizer='char')),
     'tokenizer of no kind': edit_meta(lambda m: m.update(tokenizer={'kind': 'evil'})),
     'chat a string': edit_meta(lambda m: m.update(chat='yes')),
+    'cleaning a string': edit_meta(lambda m: m.update(cleaning='NFC')),
+    'cleaning without normalize': edit_meta(lambda m: m.update(cleaning=dict(
+        clean_wiki=False, unescape_html=True, normalize_whitespace=True))),
+    'cleaning.normalize evil': edit_meta(lambda m: m.update(cleaning=dict(
+        clean_wiki=False, unescape_html=True, normalize='NFX', normalize_whitespace=True))),
+    'cleaning.clean_wiki a string': edit_meta(lambda m: m.update(cleaning=dict(
+        clean_wiki='no', unescape_html=True, normalize='NFC', normalize_whitespace=True))),
     'train.bin empty': write_file('train.bin', b''),
     'train.bin a directory': replace_with_folder('train.bin'),
     'train.bin of an odd size': cut_file('train.bin', 1001),

@@ -312,8 +312,9 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
                   top_p=None, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, stop=(), use_cache=True,
                   on_text=None, progress=False, generator=None, sync=None):
     """Complete the prompt (a list of token ids) num_samples times; returns the completions as strings.
-    A completion ends after max_new_tokens tokens, at the tokenizer's end-of-text token, or just before
-    the first of the stop strings; neither the end-of-text nor the stop string is part of it.
+    A completion ends after max_new_tokens tokens (without the bytes of a character they cut in two, which a
+    byte-level tokenizer can: tokenizer.decode_complete), at the tokenizer's end-of-text token, or just before the
+    first of the stop strings; neither the end-of-text nor the stop string is part of it.
     on_text(row, text) receives each completion's new text as soon as it is final: while sampling, it
     streams; beam search only knows its winner at the end. Stop strings cut beam search's winner afterwards.
     generator and sync: see generate_tokens (sampling only)."""
@@ -327,6 +328,7 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
         from tqdm import tqdm
         bar = tqdm(total=max_new_tokens, unit='tok', leave=False, dynamic_ncols=True)
 
+    at_eot = [False] * num_samples  # sampling: the rows the model ended
     if num_beams > 1:
         hypotheses = beam_search(model, idx, max_new_tokens, num_beams, length_penalty, repetition_penalty,
                                  tokenizer.eot_id, use_cache, vocab_size)
@@ -346,18 +348,18 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
                 if done[row]:
                     continue
                 if t == tokenizer.eot_id:
-                    done[row] = True
+                    done[row] = at_eot[row] = True
                     continue
                 rows[row].append(t)
                 if stop or on_text:
-                    text = _completion(tokenizer, prompt_ids, rows[row], prompt_text)
+                    # a character cut in two is held back: its rest may come with the next token
+                    text = _completion(tokenizer, prompt_ids, rows[row], prompt_text, complete=True)
                     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
                     if cut >= 0:
                         done[row] = True
                         text = text[:cut]
                     if on_text:
-                        # an incomplete UTF-8 character decodes as U+FFFD: wait for the rest of it
-                        end = len(text) if done[row] else len(text.rstrip('\ufffd')) - _held_back(text, stop)
+                        end = len(text) if done[row] else len(text) - _held_back(text, stop)
                         if end > shown[row]:
                             on_text(row, text[shown[row]:end])
                             shown[row] = end
@@ -369,9 +371,11 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
 
     completions = []
     for row, tokens in enumerate(rows):
-        if tokens and tokens[-1] == tokenizer.eot_id:
-            tokens = tokens[:-1]
-        text = _completion(tokenizer, prompt_ids, tokens, prompt_text)
+        ended = num_beams == 1 and at_eot[row]
+        if tokens and tokens[-1] == tokenizer.eot_id:  # beam search's hypotheses keep it
+            tokens, ended = tokens[:-1], True
+        # cut by max_new_tokens (or a stop string): without a character cut in two; ended by the model: as it is
+        text = _completion(tokenizer, prompt_ids, tokens, prompt_text, complete=not ended)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         text = text[:cut] if cut >= 0 else text
         if on_text:
@@ -382,10 +386,11 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
     return completions
 
 
-def _completion(tokenizer, prompt_ids, tokens, prompt_text):
+def _completion(tokenizer, prompt_ids, tokens, prompt_text, complete=False):
     # decoded together with the prompt: some tokenizers (SentencePiece) drop a word's leading space when
-    # it is decoded alone
-    text = tokenizer.decode(prompt_ids + tokens)
+    # it is decoded alone. complete: without a character cut in two at the end
+    decode = tokenizer.decode_complete if complete else tokenizer.decode
+    text = decode(prompt_ids + tokens)
     if text.startswith(prompt_text):
         return text[len(prompt_text):]
-    return tokenizer.decode(tokens)
+    return decode(tokens)

@@ -17,10 +17,8 @@ and bpe tokenizers are trained first, in a pass over the train documents.
 
 `python prepare.py --help` lists every setting.
 """
-import ast
 import collections
 import hashlib
-import html
 import itertools
 import multiprocessing
 import os
@@ -34,9 +32,9 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 from tqdm import tqdm
 
+from cleaning import CLEANING_OPTIONS, clean
 from configurator import configure, fail
-from dataset import (DatasetError, DatasetWriter, decode_utf8, input_files, normalize_unicode, token_dtype,
-                     unicode_form)
+from dataset import DatasetError, DatasetWriter, decode_utf8, input_files, token_dtype, unicode_form
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 from topics import TopicsError, cap_per_topic, read_labels
 
@@ -79,71 +77,6 @@ batch_mb = 1.0  # MB of text per batch sent to a worker
 
 _TRAINED_KINDS = ('char', 'word', 'bpe')
 _READ_CHUNK = 8 << 20  # bytes of a text file read at a time
-
-
-# --- cleaning ------------------------------------------------------------------------------------------
-
-_WIKI40B_MARKER = re.compile(r'\s*_START_(?:ARTICLE|SECTION|PARAGRAPH)_\s*')
-_WIKI_MARKUP = [  # (pattern, replacement), applied in order
-    (re.compile(r'<!--.*?-->', re.S), ''),  # comments
-    (re.compile(r'<ref[^<>]*/>|<ref[^<>]*>.*?</ref>', re.S | re.I), ''),  # footnotes
-    (re.compile(r'\{\|.*?\|\}', re.S), ''),  # tables
-    (re.compile(r'\[\[([^\[\]|:]*\|)?([^\[\]:]*)\]\]'), r'\2'),  # [[target|label]] and [[target]] -> the text shown
-    (re.compile(r'\[\[[^\[\]]*\]\]'), ''),  # [[File:...]], [[Category:...]], interwiki links
-    (re.compile(r'\[(?:https?:)?//[^\s\]]+ ?([^\]]*)\]'), r'\1'),  # [http://url label] -> label
-    (re.compile(r"'{2,}"), ''),  # ''italic'', '''bold'''
-    (re.compile(r'^=+[^\S\n]*(.*?)[^\S\n]*=+[^\S\n]*$', re.M), r'\1'),  # == Heading == -> Heading
-    (re.compile(r'</?[a-zA-Z][a-zA-Z0-9]*(?:\s[^<>]*)?/?>'), ''),  # other HTML tags: <br>, <small>, </sup>
-    (re.compile(r'__[A-Z]+__'), ''),  # magic words: __TOC__, __NOTOC__
-]
-_WIKI_TEMPLATE = re.compile(r'\{\{[^{}]*\}\}')  # innermost {{template}}: removed until none is left
-_WIKI_SIGNS = ('[[', '{{', "''", '<', '==', '{|', '__', '[http', '[//')
-
-
-def strip_wiki(text):
-    """Wikipedia text as plain text: wiki40b's layout markers become blank lines and newlines, and
-    leftover wiki markup is removed, keeping the text a reader sees (a link's label, a heading's title)."""
-    if text.startswith(("b'", 'b"')):  # copies of wiki40b that store each article as a bytes literal
-        try:
-            text = ast.literal_eval(text).decode('utf-8')
-        except (ValueError, SyntaxError, UnicodeDecodeError):
-            pass
-    if '_START_' in text or '_NEWLINE_' in text:
-        text = _WIKI40B_MARKER.sub('\n\n', text).replace('_NEWLINE_', '\n')
-    if any(sign in text for sign in _WIKI_SIGNS):
-        for _ in range(10):  # nested templates, inside out
-            text, n = _WIKI_TEMPLATE.subn('', text)
-            if not n:
-                break
-        for pattern, replacement in _WIKI_MARKUP:
-            text = pattern.sub(replacement, text)
-    return text
-
-
-_ODD_SPACE = re.compile(r'[^\S\n ]')  # whitespace other than ' ' and '\n': tabs, '\r', no-break spaces, ...
-_BLANK_LINES = re.compile(r'\n{3,}')
-
-
-def normalize_spaces(text):
-    """Runs of spaces, tabs and other Unicode spaces become one space; lines lose leading and trailing
-    spaces; two or more blank lines in a row become one; the text loses leading and trailing whitespace.
-    Cheap checks first: most documents of a clean corpus need no change, and skip the slow part."""
-    if '  ' in text or ' \n' in text or '\n ' in text or _ODD_SPACE.search(text):
-        text = '\n'.join([' '.join(line.split()) for line in text.split('\n')])
-    if '\n\n\n' in text:
-        text = _BLANK_LINES.sub('\n\n', text)
-    return text.strip()
-
-
-def clean(text, options):
-    if options['clean_wiki']:
-        text = strip_wiki(text)
-    if options['unescape_html'] and '&' in text:
-        text = html.unescape(text)
-    text = normalize_unicode(text, options.get('normalize', ''))
-    if options['normalize_whitespace']:
-        text = normalize_spaces(text)
-    return text
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -593,6 +526,8 @@ def prepare(argv):
                               bytes_per_token=size['val'] / tokens['val'],
                               train_documents=route.documents['train'], val_documents=route.documents['val'],
                               train_bytes=size['train'], val_bytes=size['val'], source=source, prepare_config=config,
+                              # eval.py --text cleans a text as the corpus was cleaned
+                              cleaning={key: options[key] for key in CLEANING_OPTIONS},
                               **({'unknown_rate': {split: unknown[split] / max(1, tokens[split]) for split in unknown}}
                                  if tok.unk_id is not None else {}))
         done = True

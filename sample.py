@@ -231,19 +231,20 @@ def chat_loop():
             decoder = Decoder(model, torch.tensor([ids], dtype=torch.long, device=device), use_cache)
         else:
             decoder.append(torch.tensor([turn], dtype=torch.long, device=device))
-        reply, shown = [], 0
+        reply, shown, decode = [], 0, tokenizer.decode
         with ctx:
             for token in continue_tokens(decoder, max_new_tokens, temperature, top_k or None, top_p,
                                          repetition_penalty, tokenizer.vocab_size):
                 if token.item() == tokenizer.end_id:
                     break
                 reply.append(token.item())
-                text = tokenizer.decode(reply).rstrip('\ufffd')  # an incomplete UTF-8 character: wait for the rest
+                text = tokenizer.decode_complete(reply)  # a character cut in two: wait for the rest
                 print(text[shown:], end='', flush=True)
                 shown = len(text)
             else:  # no end of turn within max_new_tokens: close the turn, as training's conversations are
                 decoder.append(torch.tensor([tokenizer.end_id], device=device))
-        print(tokenizer.decode(reply)[shown:], flush=True)
+                decode = tokenizer.decode_complete  # without a character max_new_tokens cut in two
+        print(decode(reply)[shown:], flush=True)
         exchanges.append(turn + reply + [tokenizer.end_id])
 
 

@@ -18,7 +18,9 @@ a document cannot forge an end-of-text. Scripts put eot_id between documents the
 with_chat_template() adds a chat template (ChatTokenizer: role markers and an end-of-turn token, recorded in the
 description's special_tokens) for chat fine-tuning (prepare_chat.py, sample.py --chat).
 """
+import codecs
 import difflib
+import functools
 import inspect
 import itertools
 import os
@@ -74,6 +76,23 @@ def _from_code_points(codes):
         return str(buffer, 'utf-32-le', 'surrogatepass')
 
 
+def _cut_utf8_length(raw):
+    """How many bytes at the end of raw start a UTF-8 character that the bytes after them could complete: 0 to 3."""
+    decoder = codecs.getincrementaldecoder('utf-8')('replace')
+    decoder.decode(raw[-4:], final=False)  # what is not final is held back: a valid start of a character
+    return len(decoder.getstate()[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder():
+    """GPT-2's byte alphabet read backwards, {character: the byte it stands for}: a printable byte stands for
+    itself, the others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('\u00a1'), ord('\u00ac') + 1),
+                 *range(ord('\u00ae'), ord('\u00ff') + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
 class Tokenizer:
     """The interface. Subclasses set kind, vocab_size and eot_id, and implement encode, _decode, describe."""
     kind = None
@@ -118,6 +137,22 @@ class Tokenizer:
 
     def _decode(self, ids):
         raise NotImplementedError
+
+    def decode_complete(self, ids):
+        """decode(ids) less a character cut short at the end: a byte-level tokenizer's tokens can end inside a UTF-8
+        character (its first byte of two, say), which decode shows as U+FFFD, as transformers does, though its rest
+        may come with the next tokens. Only such a cut sequence goes: an invalid byte, a sequence that cannot
+        complete, or a real U+FFFD stays. For a text that is still growing (streamed) or was cut at max_new_tokens."""
+        text = self.decode(ids)
+        tail = self._tail_bytes(np.array([int(i) for i in ids[-4:]], dtype=np.int64))
+        if tail and _cut_utf8_length(tail) and text.endswith('\ufffd'):
+            return text[:-1]  # the cut sequence, a valid start of a character, decodes as one U+FFFD
+        return text
+
+    def _tail_bytes(self, ids):
+        """The UTF-8 bytes that the last ids (up to 4: a character has at most 4 bytes) decode from, or None where
+        the kind decodes whole characters (char, word) or does not say (a Hugging Face tokenizer)."""
+        return None
 
     def drop_unknown(self, text):
         """text minus the characters encode() would reject: nothing, for all kinds but char."""
@@ -286,6 +321,14 @@ class BPETokenizer(Tokenizer):
     def _decode(self, ids):
         return self._tok.decode(ids.tolist(), skip_special_tokens=False)
 
+    def _tail_bytes(self, ids):
+        # a token is written in GPT-2's byte alphabet (a printable character per byte); an added token (the
+        # end-of-text) is its text
+        added = {i for i in self._tok.get_added_tokens_decoder()}
+        byte_of = _byte_decoder()
+        return b''.join(self._tok.id_to_token(i).encode('utf-8') if i in added
+                        else bytes(byte_of[c] for c in self._tok.id_to_token(i)) for i in ids.tolist())
+
     def own_file(self):  # for other tools: our scripts read the copy inside the description
         return self._tok.to_str().encode('utf-8')
 
@@ -330,6 +373,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids):
         return self._enc.decode(ids.tolist())
+
+    def _tail_bytes(self, ids):
+        return self._enc.decode_bytes(ids.tolist())
 
     def describe(self):
         return {'kind': 'tiktoken', 'name': self.name}
@@ -489,6 +535,11 @@ class ChatTokenizer(Tokenizer):
 
     def encode_batch(self, texts):
         return self.base.encode_batch(texts)
+
+    def _tail_bytes(self, ids):
+        special = np.flatnonzero(ids >= self.base.vocab_size)
+        after = ids[special[-1] + 1:] if len(special) else ids  # a cut character can only follow the last special
+        return self.base._tail_bytes(after) if len(after) else None
 
     def _decode(self, ids):
         n = self.base.vocab_size

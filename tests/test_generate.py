@@ -301,6 +301,57 @@ def test_generate_text_never_picks_padding_ids_and_streams_its_completion():
     assert text == tokenizer.decode(torch.cat(tokens)) and ''.join(pieces) == text and len(pieces) > 1
 
 
+def byte_ids(tokenizer, text_or_bytes):
+    """The trained BPE's single-byte token of each byte (its vocabulary holds one per byte, GPT-2's byte alphabet)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    raw = text_or_bytes.encode() if isinstance(text_or_bytes, str) else text_or_bytes
+    return [tokenizer._tok.token_to_id(bytes_to_unicode()[b]) for b in raw]
+
+
+def test_a_sample_cut_inside_a_character_leaves_the_character_out():
+    """A byte-level BPE writes 'é' as two byte tokens and '€' as three: a sample that max_new_tokens cuts inside one
+    ends before it (before, it ended in U+FFFD), sampled or beam-searched, streamed or not; given all its bytes, it is
+    whole. Only a cut character is left out: an invalid byte, or a real U+FFFD, stays where transformers shows it."""
+    tokenizer = make_tokenizer('bpe', [TEXT], vocab_size=280)
+    prompt = tokenizer.encode('ROMEO:')
+    cases = [('aé', [(1, 'a'), (2, 'a'), (3, 'aé')]),
+             ('€!', [(1, ''), (2, ''), (3, '€'), (4, '€!')]),
+             (b'\xff\xe2\x82', [(1, '\ufffd'), (2, '\ufffd'), (3, '\ufffd')]),  # an invalid byte stays, the cut '€' goes
+             (b'\xe2\x82x', [(2, ''), (3, '\ufffdx')]),  # a sequence that never completes is invalid: shown
+             ('\ufffd\u00e9', [(3, '\ufffd'), (4, '\ufffd'), (5, '\ufffd\u00e9')])]  # a real U+FFFD stays
+    for sequence, expected in cases:
+        ids = byte_ids(tokenizer, sequence)
+        model = TableModel({tuple(ids[:i]): {ids[i]: 1.0} for i in range(len(ids))}, tokenizer.vocab_size, len(prompt))
+        for n, text_expected in expected:
+            # the reference: the bytes decoded by Python, with a cut sequence at the end left out by hand
+            assert tokenizer.decode(ids[:n]).rstrip('\ufffd') == text_expected.rstrip('\ufffd')
+            for num_beams in (1, 2):
+                pieces = []
+                [text] = generate_text(model, tokenizer, prompt, max_new_tokens=n, temperature=0, num_beams=num_beams,
+                                       use_cache=False, on_text=lambda row, piece: pieces.append(piece))
+                assert text == ''.join(pieces) == text_expected, (sequence, n, num_beams, text)
+            assert tokenizer.decode_complete(prompt + ids[:n]) == 'ROMEO:' + text_expected
+
+
+def test_decode_complete_holds_back_a_cut_character_of_every_byte_level_kind():
+    """tiktoken decodes through bytes too (here an encoding of single bytes, built in place of GPT-2's files, which a
+    test cannot download); the kinds that decode whole characters (char, word) have nothing to hold back."""
+    import tiktoken
+    from tokenizer import TiktokenTokenizer
+    tok = TiktokenTokenizer.__new__(TiktokenTokenizer)
+    tok._enc = tiktoken.Encoding('bytes', pat_str=r'.', mergeable_ranks={bytes([b]): b for b in range(256)},
+                                 special_tokens={'<|endoftext|>': 256})
+    tok.name, tok.vocab_size, tok.eot_id = 'bytes', 257, 256
+    ids = tok.encode('price: \u20ac')
+    assert len(ids) == 10 and tok.decode(ids[:-1]).endswith('\ufffd')  # the reference: '€' is 3 byte tokens
+    assert tok.decode_complete(ids[:-1]) == tok.decode_complete(ids[:-2]) == 'price: '
+    assert tok.decode_complete(ids) == 'price: \u20ac'
+    assert tok.decode_complete([0xff, ord('a'), 0xe2]) == '\ufffda'  # the invalid byte stays, the cut '€' goes
+    assert tok.decode_complete(ids[:-1] + [256]) == tok.decode(ids[:-1] + [256])  # ended by end-of-text: shown
+    char = make_tokenizer('char', ['ab\u00e9'])
+    assert char.decode_complete(char.encode('a\u00e9')) == 'a\u00e9'
+
+
 def test_stop_strings_and_end_of_text_end_a_completion():
     model, tokenizer = char_model()
     ids = tokenizer.encode('JULIET:')

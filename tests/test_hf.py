@@ -137,7 +137,12 @@ def test_modern_switches_export_to_the_family_that_has_them(tmp_path, bpe, famil
     torch.testing.assert_close(logits_of(hf, ids), logits_of(model, ids)[..., :300], atol=1e-5, rtol=1e-5)
     theirs = pipeline_greedy(folder, PROMPT, 24)
     ours = generate_text(model, bpe, bpe.encode(PROMPT), max_new_tokens=24, temperature=0)[0]
-    assert theirs == PROMPT + ours
+    # the pipeline shows a character that max_new_tokens cut in two as U+FFFD, which we leave out
+    # (tokenizer.decode_complete; issue 21 item 10): that one character apart, the texts are equal
+    assert theirs in (PROMPT + ours, PROMPT + ours + '\ufffd'), (theirs, ours)
+    if theirs != PROMPT + ours:  # only where transformers' greedy tokens end inside a character
+        tokens = hf.generate(torch.tensor([bpe.encode(PROMPT)]), max_new_tokens=24, do_sample=False)[0].tolist()
+        assert bpe.decode(tokens) == theirs and bpe.decode_complete(tokens) == PROMPT + ours
 
 
 def test_a_combination_no_family_has_is_refused_naming_it(tmp_path):

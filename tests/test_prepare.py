@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_TEXT, assert_clean_error, run as run_script
+import cleaning
 import prepare
 from dataset import load_meta
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
@@ -69,20 +70,20 @@ def test_strip_wiki_wiki40b_markers():
     raw = ('\n_START_ARTICLE_\nЛев Толстой\n_START_SECTION_\nБиография\n_START_PARAGRAPH_\n'
            'Родился в Ясной Поляне._NEWLINE_Учился в Казани.\n_START_PARAGRAPH_\nВторой абзац.')
     expected = 'Лев Толстой\n\nБиография\n\nРодился в Ясной Поляне.\nУчился в Казани.\n\nВторой абзац.'
-    assert prepare.strip_wiki(raw).strip() == expected
-    assert prepare.normalize_spaces(prepare.strip_wiki(raw)) == expected
+    assert cleaning.strip_wiki(raw).strip() == expected
+    assert cleaning.normalize_spaces(cleaning.strip_wiki(raw)) == expected
     # a copy storing the article as a Python bytes literal decodes to the same text
-    assert prepare.strip_wiki(repr(raw.encode('utf-8'))).strip() == expected
+    assert cleaning.strip_wiki(repr(raw.encode('utf-8'))).strip() == expected
 
 
 def test_strip_wiki_markup_keeps_what_a_reader_sees():
     raw = ("== História ==\n'''São Paulo''' é a [[cidade]] mais populosa do [[Brasil|país]].<ref>IBGE, 2020</ref> "
            "{{Info/Cidade|nome={{lang|pt|SP}}}}Fundada em 1554.<ref name=\"a\"/> [[Ficheiro:SP.jpg|thumb|Vista]]"
            "<br/>Ver [https://example.org o sítio].<!-- comentário --> __NOTOC__")
-    assert prepare.normalize_spaces(prepare.strip_wiki(raw)) == \
+    assert cleaning.normalize_spaces(cleaning.strip_wiki(raw)) == \
         'História\nSão Paulo é a cidade mais populosa do país. Fundada em 1554. Ver o sítio.'
     plain = "D'Artagnan disse: 2 < 3 e x == y."  # single quotes, a lone '<' and '==' mid-line stay
-    assert prepare.strip_wiki(plain) == plain
+    assert cleaning.strip_wiki(plain) == plain
 
 
 @pytest.mark.parametrize('raw, expected', [
@@ -93,14 +94,14 @@ def test_strip_wiki_markup_keeps_what_a_reader_sees():
     (' \t \n ', ''),
 ])
 def test_normalize_spaces(raw, expected):
-    assert prepare.normalize_spaces(raw) == expected
+    assert cleaning.normalize_spaces(raw) == expected
 
 
 def test_clean_order_and_switches():
     options = dict(clean_wiki=True, unescape_html=True, normalize_whitespace=True, min_chars=1, max_chars=0)
-    assert prepare.clean("G&#234;nes  et  '''Lucques'''&nbsp;!", options) == 'Gênes et Lucques !'
+    assert cleaning.clean("G&#234;nes  et  '''Lucques'''&nbsp;!", options) == 'Gênes et Lucques !'
     options.update(clean_wiki=False, unescape_html=False, normalize_whitespace=False)
-    assert prepare.clean(" G&#234;nes  '''x''' ", options) == " G&#234;nes  '''x''' "
+    assert cleaning.clean(" G&#234;nes  '''x''' ", options) == " G&#234;nes  '''x''' "
 
 
 def test_default_cleaning_is_what_the_readme_says_and_each_step_switches_off(tmp_path):
@@ -113,11 +114,15 @@ def test_default_cleaning_is_what_the_readme_says_and_each_step_switches_off(tmp
         '--val_fraction=0.3')
     meta = load_meta(tmp_path / 'a')
     assert meta['prepare_config']['normalize'] == 'NFC'
+    # recorded for eval.py --text, which cleans a text as this corpus was cleaned
+    assert meta['cleaning'] == dict(clean_wiki=False, unescape_html=True, normalize='NFC', normalize_whitespace=True)
     assert set(meta['tokenizer']['chars']) == set("0123456789 Gênes et Lucques: café ''ok''\n")  # documents joined by blank lines
     run('prepare.py', f'--input={corpus}', f'--out_dir={tmp_path / "b"}', '--tokenizer=char', '--num_proc=1', '--dedup=False',
         '--val_fraction=0.3', '--unescape_html=False', "--normalize=", '--normalize_whitespace=False')
     assert set(load_meta(tmp_path / 'b')['tokenizer']['chars']) == set(raw)
-    assert prepare.clean('cafe\u0301', dict(clean_wiki=False, unescape_html=False, normalize='NFC',
+    assert load_meta(tmp_path / 'b')['cleaning'] == dict(clean_wiki=False, unescape_html=False, normalize='',
+                                                         normalize_whitespace=False)
+    assert cleaning.clean('cafe\u0301', dict(clean_wiki=False, unescape_html=False, normalize='NFC',
                                             normalize_whitespace=False)) == 'caf\u00e9'
     assert_clean_error(run('prepare.py', f'--input={corpus}', '--normalize=NFX', check=False), "normalize='NFX'")
 

@@ -193,6 +193,8 @@ def test_eval_full_pass_and_text_file_side_by_side(trained, loaded, char_dataset
     text_file.write_text(text, encoding='utf-8')
     proc = run('eval.py', f'--out_dir={out},{other}', '--device=cpu', f'--text={text_file}', '--batch_size=3',
                '--drop_unknown=True')
+    # data/shakespeare_char/prepare.py records no cleaning: the text gets NFC alone, as before, and a note says so once
+    assert proc.stderr.count('note: --text gets Unicode form NFC (--normalize) alone for ') == 1, proc.stderr
     rows = parse_table(proc.stdout)
     assert list(rows) == [str(out), str(other)]
     ids = tokenizer.encode(tokenizer.drop_unknown(text))
@@ -261,3 +263,38 @@ def test_a_prompt_typed_decomposed_is_the_composed_text_the_model_knows(tmp_path
     table = run('eval.py', f'--out_dir={out}', f'--text={tmp_path / "decomposed.txt"}', '--device=cpu').stdout
     assert table.strip().splitlines()[1].split()[2] == f'{len("un café, deux cafés.") * 20 + 19:,}'  # NFC: one per é
     assert_clean_error(sample(out, 'un cafe\u0301', '--normalize=', '--num_samples=1', check=False), "'\u0301'")
+
+
+def test_eval_text_is_cleaned_as_prepare_cleaned_the_corpus_and_drops_are_counted(tmp_path):
+    """--text gets the cleaning prepare.py recorded for the model's dataset (HTML entities, NFC, whitespace): a raw
+    text scores as the same text cleaned by hand, the reference; --drop_unknown says how many characters it dropped
+    (counted here one by one) and their share, beside the bits per byte they leave out."""
+    import html
+    import unicodedata
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text(''.join(f'{i} crème & café, à la carte.\n\n' for i in range(60)), encoding='utf-8')
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    run('prepare.py', f'--input={corpus}', f'--out_dir={data}', '--tokenizer=char', '--num_proc=1', '--val_fraction=0.3')
+    run('train.py', f'--dataset={data}', f'--out_dir={out}', *TINY_TRAIN, '--max_iters=2', '--eval_interval=2')
+    model, _, ckpt = load_model(out)
+    model, tokenizer = model.eval(), load_tokenizer(ckpt['tokenizer'])
+    dirty = ''.join(f'  {i}  cr&egrave;me &amp; cafe\u0301,\t\u00e0 la  carte. \n\n\n' for i in range(12))
+    by_hand = '\n'.join(' '.join(line.split()) for line in unicodedata.normalize('NFC', html.unescape(dirty)).split('\n'))
+    by_hand = by_hand.replace('\n\n\n', '\n\n').strip()
+    assert by_hand.startswith('0 crème & café, à la carte.\n\n1 crème') and '\n\n\n' not in by_hand
+    (tmp_path / 'dirty.txt').write_text(dirty, encoding='utf-8')
+    proc = run('eval.py', f'--out_dir={out}', f'--text={tmp_path / "dirty.txt"}', '--device=cpu')
+    [(tokens, loss, _, bpb)] = parse_table(proc.stdout).values()
+    total, count = reference_loss(model, tokenizer.encode(by_hand))
+    # eval.py's batches of 8 windows, one window at a time here: float32 rounding, and printed to 4 decimals
+    assert tokens == count and loss == pytest.approx(total / count, abs=1e-4)
+    assert bpb == pytest.approx(total / math.log(2) / len(by_hand.encode('utf-8')) * len(by_hand) / count, abs=1e-4)
+    # characters the corpus never had: dropped, counted, and their share given in the table's row
+    odd = ''.join(f'{i} жёлтый crème € café!\n' for i in range(10))
+    (tmp_path / 'odd.txt').write_text(odd, encoding='utf-8')
+    proc = run('eval.py', f'--out_dir={out}', f'--text={tmp_path / "odd.txt"}', '--device=cpu', '--drop_unknown=True')
+    cleaned = odd.strip()  # already NFC, no entities, single spaces
+    unknown = sum(1 for c in cleaned if c not in tokenizer.describe()['chars'])
+    assert unknown == 10 * 8  # жёлтый, '€' and '!' of each line
+    [row] = proc.stdout.strip().splitlines()[1:]
+    assert f'dropped {unknown} of {len(cleaned)} characters ({unknown / len(cleaned):.2%})' in row, row
