@@ -14,6 +14,8 @@ means swapping or being killed; FSDP, whose passes are collectives that one proc
 memory of one and of two more rows is measured and extrapolated to the budget.
 """
 import os
+import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -104,7 +106,10 @@ def measure(model, ctx, device, block_size, rows, since=None):
     with torch.random.fork_rng(devices=devices, device_type=torch.device(device).type):
         before = used_bytes(device) if since is None else since
         reset_peak(device)
-        with torch.compiler.set_stance('force_eager'), ctx:  # a compiled model would recompile for each size
+        # a compiled model would recompile for each size; where nothing is compiled, dynamo is not even imported
+        # (it would page in tens of MiB that this measure would count as the rows')
+        eager = torch.compiler.set_stance('force_eager') if 'torch._dynamo' in sys.modules else nullcontext()
+        with eager, ctx:
             _, loss = model(idx, idx)
         loss.backward()
         peak = peak_bytes(device)

@@ -71,7 +71,8 @@ if delay:
     checkpoint.save_checkpoint = slow_save
 
 faults = {int(k): what for k, what in (item.split(':') for item in os.environ.get('SPY_FAULTS', '').split(',') if item)}
-oom_above = int((os.environ.get('SPY_OOM_ABOVE') or '0').split(',')[int(RANK)])  # one figure, or one per process
+oom_above = (os.environ.get('SPY_OOM_ABOVE') or '0').split(',')  # one figure, or one per process
+oom_above = int(oom_above[int(RANK)] if len(oom_above) > 1 else oom_above[0])
 if faults or oom_above:
     import model  # noqa: E402
     forward = model.GPT.forward
