@@ -3,7 +3,7 @@ The micro-batch that fits the device. batch_size='auto' finds it before training
 passes; a step that runs out of memory in the middle of a run is redone in smaller micro-batches. train.py calls:
 
     rows = fit_micro_batch(model, ctx, device, block_size, step_rows, budget_bytes(device, memory_limit, ...))
-    micro, note = micro_batch_for(rows, step_rows)   # a divisor of the step's rows, so the step stays the same
+    micro, steps, note = micro_batch_for(rows, step_rows)   # a divisor of the step's rows: the step stays the same
     windows = regroup(windows, micro)                # a step's windows, in micro-batches of another size
     micro, steps, what = halved(micro, steps)        # after running out of memory mid-run
 
@@ -11,7 +11,7 @@ Two ways to find the fit. Where out of memory is an exception that leaves the de
 or DDP: the passes run on the unwrapped model, no collective involved), batch sizes are tried, doubling, then
 bisected between the last that fit and the first that did not. Elsewhere (CPU and MPS, where running out of memory
 means swapping or being killed; FSDP, whose passes are collectives that one process cannot leave alone) the
-memory of one and of two more rows is measured and extrapolated to the budget.
+memory of 1, 2, 4 and 8 rows is measured and extrapolated to the budget (on a CPU, from Linux's /proc).
 """
 import os
 import sys
@@ -27,6 +27,9 @@ HEADROOM = 0.85  # the share of the free memory the fit may use: evaluation, sam
 
 class FitError(Exception):
     """Not even one row fits, or the memory cannot be measured."""
+
+
+_NO_PROC = "a CPU's memory is measured through Linux's /proc, which this system lacks: give --batch_size a number"
 
 
 def optimizer_state_bytes(optimizer):
@@ -53,8 +56,8 @@ def available_bytes(device, local_processes=1):
     try:
         with open('/proc/meminfo') as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
-    except (OSError, StopIteration, ValueError):  # not Linux: free pages, a lower bound
-        available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (OSError, StopIteration, ValueError):
+        raise FitError(_NO_PROC) from None
     return available // local_processes
 
 
@@ -65,16 +68,22 @@ def used_bytes(device):
         return torch.cuda.memory_allocated(device)
     if device.startswith('mps'):
         return torch.mps.driver_allocated_memory()
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        raise FitError(_NO_PROC) from None
 
 
 def reset_peak(device):
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats(device)
     elif not device.startswith('mps'):
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # VmHWM back to the resident memory of now
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # VmHWM back to the resident memory of now
+        except OSError:
+            raise FitError(_NO_PROC) from None
 
 
 def peak_bytes(device):

@@ -11,7 +11,7 @@ import torch
 from conftest import DDP_TRAIN, ROOT, TINY_TRAIN, final_weights, run, script_env, torchrun
 
 from dataset import count_targets, load_meta, open_split, sample_windows
-from fit import FitError, fit_micro_batch, in_halves, micro_batch_for, regroup
+from fit import FitError, budget_bytes, fit_micro_batch, in_halves, micro_batch_for, regroup
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures('torch_threads_here')
@@ -177,3 +177,19 @@ def test_an_evaluation_out_of_memory_is_scored_in_halves():
         halved = in_halves(lambda w: score(w, most=2), windows)
     assert count_targets(windows) < 7 * 16
     torch.testing.assert_close(halved, whole, rtol=1e-6, atol=0)
+
+
+def test_without_linux_proc_a_cpu_fit_asks_for_a_number(monkeypatch):
+    """macOS and Windows have no /proc to measure a CPU's memory with: one line saying what to do, no traceback."""
+    model = tiny_model()
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith('/proc/'):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr('builtins.open', no_proc)
+    with pytest.raises(FitError, match='give --batch_size a number'):
+        budget_bytes('cpu', 0, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(FitError, match='give --batch_size a number'):
+        fit_micro_batch(model, nullcontext(), 'cpu', 16, 8, 2**30, bisect=False)
