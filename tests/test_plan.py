@@ -49,7 +49,8 @@ def test_plan_prints_the_cost_of_the_run_and_exits_0(char_dataset, tmp_path):
     assert number(r"Chinchilla's 20 per parameter \(([\d,]+)\)", out) == 20 * total
     # the measured speed, and the time to max_iters from it
     ms = number(r'^measured: ([\d,]+) ms per iteration', out)
-    assert ms > 0 and number(r'([\d,]+) tokens/s', out) == pytest.approx(tokens_per_iter / ms * 1000, rel=0.01)
+    # ms is printed to the whole millisecond: on a fast machine (7 ms) that rounding alone is up to 7%
+    assert ms > 0 and number(r'([\d,]+) tokens/s', out) == pytest.approx(tokens_per_iter / ms * 1000, rel=0.01 + 0.5 / ms)
     # every part of the memory, and a peak no smaller than what is held throughout the step
     parts = {name: number(rf'^  {re.escape(name)} +([\d,.]+)', out)
              for name in ('weights (float32)', 'gradients', 'optimizer state', 'activations saved for backward',
