@@ -381,14 +381,15 @@ def damaged_copy(good, folder, damage):
     return folder
 
 
-def edit_json(change):
+def edit_json(change, name='checkpoint.json'):
+    """A damage: change(document) edits the JSON file name in the folder (a checkpoint's, by default), as a dict."""
     def damage(folder):
-        path = os.path.join(folder, 'checkpoint.json')
+        path = os.path.join(folder, name)
         with open(path, encoding='utf-8') as f:
-            ckpt = json.load(f)
-        change(ckpt)
+            document = json.load(f)
+        change(document)
         with open(path, 'w', encoding='utf-8') as f:
-            json.dump(ckpt, f)
+            json.dump(document, f)
     return damage
 
 
@@ -493,14 +494,7 @@ RESUME_DAMAGE = {
 
 def edit_meta(change):
     """A damage: change(meta) edits the dataset's meta.json, as a dict."""
-    def damage(folder):
-        path = os.path.join(folder, 'meta.json')
-        with open(path, encoding='utf-8') as f:
-            meta = json.load(f)
-        change(meta)
-        with open(path, 'w', encoding='utf-8') as f:
-            json.dump(meta, f)
-    return damage
+    return edit_json(change, 'meta.json')
 
 
 def replace_with_folder(name):
