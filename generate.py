@@ -394,3 +394,38 @@ def _completion(tokenizer, prompt_ids, tokens, prompt_text, complete=False):
     if text.startswith(prompt_text):
         return text[len(prompt_text):]
     return decode(tokens)
+
+
+class TextStream:
+    """STAND-IN for the lead's TextStream (issue 25), the interface of /work/notes/decoder_api.md: one row's tokens
+    in, its final text out, held back while a character is cut in two or a stop string may be starting."""
+
+    def __init__(self, tokenizer, prompt_ids, stop=()):
+        self.tokenizer, self.prompt_ids, self.stop = tokenizer, list(prompt_ids), [s for s in stop if s]
+        self.prompt_text = tokenizer.decode(self.prompt_ids)
+        self.tokens, self.text, self.shown, self.done = [], '', 0, False
+
+    def _cut(self, text):
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.done = True
+            return text[:cut]
+        return text
+
+    def push(self, token):
+        if self.done:
+            return ''
+        self.tokens.append(token)
+        self.text = self._cut(_completion(self.tokenizer, self.prompt_ids, self.tokens, self.prompt_text, True))
+        end = len(self.text) if self.done else len(self.text) - _held_back(self.text, self.stop)
+        new = self.text[self.shown:end] if end > self.shown else ''
+        self.shown = max(self.shown, end)
+        return new
+
+    def finish(self, ended_by_model):
+        if not self.done:
+            self.text = self._cut(_completion(self.tokenizer, self.prompt_ids, self.tokens, self.prompt_text,
+                                              complete=not ended_by_model))
+        rest = self.text[self.shown:]
+        self.shown = len(self.text)
+        return rest
