@@ -7,6 +7,7 @@ The HTTP side of serve.py: the subset of OpenAI's API that clients use, over Fas
                                  completions API defines them (what evaluation harnesses use to score a text)
     POST /v1/chat/completions    messages -> a reply, for chat fine-tunes (their template)
     GET  /                       the playground page
+    GET  /health                 requests open, rows busy and waiting, tokens decoded
 
 Each request is checked whole before it reaches the model: a bad one gets a 4xx with OpenAI's error object, in one
 sentence that says what to change. Decoding itself is serving.Scheduler's (one per model), handed in by serve.py.
@@ -131,11 +132,11 @@ def stop_strings(body):
 def not_supported(body, defaults):
     """Fields of OpenAI's API this server cannot honour: an error rather than an answer that ignores them."""
     for key, default in defaults.items():
-        if body.get(key) not in (None, default, {} if default == {} else default):
+        if body.get(key) not in (None, default):
             raise ApiError(400, f'{key} is not supported by this server (leave it out)', key)
 
 
-def sampling(body, limits, max_tokens):
+def sampling(body, max_tokens):
     """The decoding settings of BatchDecoder.add, checked."""
     top_k = integer(body, 'top_k', 0, 0, 1 << 30)
     top_p = number(body, 'top_p', 1.0, 0, 1, lo_open=True)
@@ -190,12 +191,16 @@ def prompts_of(served, body):
     return ids
 
 
-def check_context(served, prompt_ids, max_tokens):
+def fit_context(served, prompt_ids, max_tokens):
+    """max_tokens, cut to what the model's context leaves after the longest prompt (the choice then finishes with
+    'length', as at max_tokens); 400 for a prompt that leaves no room, or does not fit at all."""
     longest = max(map(len, prompt_ids))
-    if longest + max_tokens > served.block_size:
-        raise ApiError(400, f"model {served.id}'s context is {served.block_size} tokens, but {longest + max_tokens} "
-                            f'were asked for ({longest} in the prompt, {max_tokens} for the completion): shorten '
-                            f'the prompt or max_tokens', 'prompt', 'context_length_exceeded')
+    room = served.block_size - longest
+    if room < 0 or (room == 0 and max_tokens > 0):
+        raise ApiError(400, f"model {served.id}'s context is {served.block_size} tokens and the prompt has {longest}: "
+                            f'{"no room is left for a completion" if room == 0 else "it does not fit"}, shorten it',
+                       'prompt', 'context_length_exceeded')
+    return min(max_tokens, room)
 
 
 def chat_prompt(served, body):
@@ -323,6 +328,13 @@ def make_app(models, limits=None, api_key=None, page=None):
             raise HTTPException(404)
         return page
 
+    @app.get('/health')
+    async def health(request: Request):
+        """What the server is doing: requests open, and per model its rows in the batch and waiting for one."""
+        authorize(request)
+        return {'status': 'ok', 'open_requests': state['open'],
+                'models': {m.id: m.scheduler.health() for m in models.values()}}
+
     @app.get('/v1/models')
     async def list_models(request: Request):
         authorize(request)
@@ -425,7 +437,6 @@ def make_app(models, limits=None, api_key=None, page=None):
                              'frequency_penalty': 0})
         n = integer(body, 'n', 1, 1, limits.max_n)
         max_tokens = integer(body, 'max_tokens', 16, 0, limits.max_tokens)
-        settings = sampling(body, limits, max_tokens)
         stop, stream, echo = stop_strings(body), boolean(body, 'stream'), boolean(body, 'echo')
         logprobs = integer(body, 'logprobs', None, 0, MAX_LOGPROBS)
         with_usage = include_usage(body)
@@ -433,7 +444,7 @@ def make_app(models, limits=None, api_key=None, page=None):
         if len(prompts) * n > limits.max_n:
             raise ApiError(400, f'{len(prompts)} prompts x n={n} is more than the {limits.max_n} completions one '
                                 f'request may ask for', 'n')
-        check_context(served, prompts, max_tokens)
+        settings = sampling(body, fit_context(served, prompts, max_tokens))
         job, events, close = submit(served, prompts, n, settings, stop, served.tokenizer.eot_id, logprobs, echo)
         head = {'id': new_id('cmpl'), 'object': 'text_completion', 'created': int(time.time()), 'model': served.id}
         # what text_offset counts from: the prompt's start, whether or not it is echoed
@@ -477,11 +488,9 @@ def make_app(models, limits=None, api_key=None, page=None):
                              'tools': None, 'functions': None})
         prompt = chat_prompt(served, body)
         n = integer(body, 'n', 1, 1, limits.max_n)
-        room = min(limits.max_tokens, served.block_size - len(prompt))
         key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
-        max_tokens = integer(body, key, room, 1, limits.max_tokens) if room > 0 else 1
-        check_context(served, [prompt], max_tokens)
-        settings = sampling(body, limits, max_tokens)
+        max_tokens = fit_context(served, [prompt], integer(body, key, limits.max_tokens, 1, limits.max_tokens))
+        settings = sampling(body, max_tokens)
         stop, stream, with_usage = stop_strings(body), boolean(body, 'stream'), include_usage(body)
         job, events, close = submit(served, [prompt], n, settings, stop, served.tokenizer.end_id)
         head = {'id': new_id('chatcmpl'), 'object': 'chat.completion', 'created': int(time.time()),

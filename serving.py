@@ -79,6 +79,7 @@ class Scheduler:
         self.decoder = BatchDecoder(model, max_rows, vocab_size=tokenizer.vocab_size)
         self.waiting = deque()  # (job, choice) not yet in the batch
         self.rows = {}  # the decoder's row id -> _Row
+        self.tokens_decoded = 0  # since start, every row's: for /health, and to see rows leave when clients go
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self._run, name=f'decode {name}', daemon=True)
 
@@ -99,9 +100,8 @@ class Scheduler:
         with self.wake:
             self.wake.notify()
 
-    @property
-    def busy_rows(self):
-        return len(self.rows)
+    def health(self):
+        return {'busy_rows': len(self.rows), 'waiting_rows': len(self.waiting), 'tokens_decoded': self.tokens_decoded}
 
     def _run(self):
         with self.autocast() if self.autocast else torch.no_grad():
@@ -115,6 +115,9 @@ class Scheduler:
                     self._step()
 
     def _drop_cancelled(self):
+        with self.wake:
+            if any(job.cancelled for job, _ in self.waiting):
+                self.waiting = deque((job, choice) for job, choice in self.waiting if not job.cancelled)
         for row_id, row in list(self.rows.items()):
             if row.job.cancelled:
                 self.decoder.cancel(row_id)
@@ -159,6 +162,7 @@ class Scheduler:
             self.rows.clear()
             self.decoder = BatchDecoder(self.model, self.max_rows, vocab_size=self.tokenizer.vocab_size)
             return
+        self.tokens_decoded += len(steps)
         for step in steps:
             row = self.rows.get(step.row)
             if row is None:
