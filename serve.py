@@ -65,10 +65,14 @@ except OSError as e:
     fail(f'cannot listen on {host}:{port} ({e.strerror or e}): pick another --port (0 picks a free one), or stop '
          f'the program that holds it')
 t0 = time.time()
+sources = [s.strip() for s in out_dir.split(',') if s.strip()]
+if len(set(sources)) < len(sources):
+    fail(f'--out_dir={out_dir} names a model twice')
+# a model's name in requests: its folder's name (out-shakespeare-char, gpt2), or the whole path where two share one
+names = [os.path.basename(os.path.normpath(s)) for s in sources]
+names = [n if names.count(n) == 1 else s for n, s in zip(names, sources)]
 models = {}
-for source in [s.strip() for s in out_dir.split(',') if s.strip()]:
-    if source in models:
-        fail(f'{source} is named twice in --out_dir')
+for name, source in zip(names, sources):
     try:
         model, description, _ = load_model(source, device, which=checkpoint)
         if description is None:
@@ -77,8 +81,8 @@ for source in [s.strip() for s in out_dir.split(',') if s.strip()]:
     except (CheckpointError, HFError, TokenizerError) as e:
         fail(e)
     use_decoding_layout(model.eval())  # faster one-token steps on a CPU, the same results to float rounding
-    scheduler = Scheduler(model, tokenizer, batch_size, lambda: autocast(device, dtype), source).start()
-    models[source] = ServedModel(source, tokenizer, model.config.block_size, scheduler, normalize)
+    scheduler = Scheduler(model, tokenizer, batch_size, lambda: autocast(device, dtype), name).start()
+    models[name] = ServedModel(name, tokenizer, model.config.block_size, scheduler, normalize)
 if not models:
     fail('--out_dir names no model: pass --out_dir=FOLDER (or several, FOLDER,OTHER)')
 

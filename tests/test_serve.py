@@ -104,7 +104,9 @@ def server(tmp_path_factory):
             time.sleep(0.05)
         # measured, not asserted (machines differ): the issue's goal is under ~3 s
         print(f'\nserve.py answered its first request {time.time() - t0:.2f}s after it was started', file=sys.stderr)
-        yield {'url': url, 'base': base, 'chat': chat, 'log': log, 'pid': proc.pid, 'started': line}
+        # the models' names in requests: their folders'
+        yield {'url': url, 'base': 'base', 'chat': 'chat', 'base_dir': base, 'chat_dir': chat, 'log': log,
+               'pid': proc.pid}
     finally:
         proc.terminate()
         try:
@@ -134,7 +136,7 @@ def sample_py(source, prompt, num_samples, **settings):
 
 def test_completions_are_sample_py_s_tokens_and_streaming_gives_the_same_text(server):
     settings = dict(max_new_tokens=40, temperature=0.9, top_k=20, top_p=0.95, seed=7)
-    [expected] = sample_py(server['base'], 'ROMEO:', 1, **settings)
+    [expected] = sample_py(server['base_dir'], 'ROMEO:', 1, **settings)
     api = client(server)
     common = dict(model=server['base'], prompt='ROMEO:', max_tokens=40, temperature=0.9, top_p=0.95,
                   extra_body={'top_k': 20}, seed=7)
@@ -179,7 +181,7 @@ def test_echo_and_logprobs_score_the_prompt_and_the_completion_as_a_forward_pass
     lp = scored.choices[0].logprobs
     assert scored.choices[0].text == prompt and lp.tokens == list(prompt)
     assert lp.text_offset == list(range(len(prompt)))  # one character a token
-    logp, tok = brute_force_logprobs(server['base'], tok_ids := CharTokenizer(CHARS).encode(prompt))
+    logp, tok = brute_force_logprobs(server['base_dir'], tok_ids := CharTokenizer(CHARS).encode(prompt))
     assert lp.token_logprobs[0] is None
     # the server's model is laid out for decoding (use_decoding_layout): the same sums, maybe in another order
     torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), logp.gather(1, torch.tensor(tok_ids[1:])[:, None])[:, 0],
@@ -193,7 +195,7 @@ def test_echo_and_logprobs_score_the_prompt_and_the_completion_as_a_forward_pass
     lp = made.choices[0].logprobs
     text = made.choices[0].text
     assert ''.join(lp.tokens) == text and lp.text_offset == list(range(len(prompt), len(prompt) + len(text)))
-    logp, _ = brute_force_logprobs(server['base'], ids := tok_ids + CharTokenizer(CHARS).encode(text))
+    logp, _ = brute_force_logprobs(server['base_dir'], ids := tok_ids + CharTokenizer(CHARS).encode(text))
     reference = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0][len(prompt) - 1:]
     torch.testing.assert_close(torch.tensor(lp.token_logprobs), reference, rtol=0, atol=1e-5)  # a KV cache's sums
     assert lp.top_logprobs == [{}] * 12  # logprobs=0: the chosen tokens' alone
@@ -208,7 +210,7 @@ def test_echo_and_logprobs_score_the_prompt_and_the_completion_as_a_forward_pass
 
 def test_chat_replies_follow_the_template_and_a_model_without_one_gets_a_400(server):
     api = client(server)
-    model, description, _ = load_model(server['chat'])
+    model, description, _ = load_model(server['chat_dir'])
     tok, messages = load_tokenizer(description), CHAT
     ids, reason = greedy_reply(model.eval(), tok, messages, REPLY_TOKENS)
     expected = (tok.decode(ids), reason)
@@ -339,8 +341,8 @@ def test_errors_at_start_are_one_line(server, tmp_path):
     try:
         missing, busy, open_host = run_all([
             ('serve.py', f'--out_dir={tmp_path / "nothing"}', '--port=0'),
-            ('serve.py', f"--out_dir={server['base']}", f'--port={port}'),
-            ('serve.py', f"--out_dir={server['base']}", '--host=0.0.0.0')])
+            ('serve.py', f"--out_dir={server['base_dir']}", f'--port={port}'),
+            ('serve.py', f"--out_dir={server['base_dir']}", '--host=0.0.0.0')])
     finally:
         taken.close()
     assert_clean_error(missing, 'does not exist')
