@@ -2,7 +2,8 @@
 # Set up the Python environment: a venv holding PyTorch (the build that fits this machine) and requirements.txt.
 #
 #   bash install.sh          # PyTorch + requirements.txt
-#   bash install.sh --dev    # PyTorch + requirements-dev.txt (adds pytest)
+#   bash install.sh --dev    # PyTorch + requirements-dev.txt (adds pytest, and what the tests need)
+#   bash install.sh --serve  # PyTorch + requirements-serve.txt (adds FastAPI and uvicorn, for serve.py)
 #
 # VENV=DIR      the venv to use or create (default: .venv in the repository root). Any existing environment
 #               with bin/python works, e.g. VENV=$CONDA_PREFIX.
@@ -26,7 +27,8 @@ requirements=$ROOT/requirements.txt
 case ${1:-} in
     '') ;;
     --dev) requirements=$ROOT/requirements-dev.txt ;;
-    *) echo "usage: bash install.sh [--dev]" >&2; exit 2 ;;
+    --serve) requirements=$ROOT/requirements-serve.txt ;;
+    *) echo "usage: bash install.sh [--dev | --serve]" >&2; exit 2 ;;
 esac
 
 say() { echo "==> $*"; }

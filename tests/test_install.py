@@ -218,7 +218,8 @@ def test_torch_cuda_ok_accepts_the_default_build(tmp_path):
     assert 'TORCH_CUDA_OK=1' in proc.stdout
 
 
-@pytest.mark.parametrize('args, requirements', [([], 'requirements.txt'), (['--dev'], 'requirements-dev.txt')])
+@pytest.mark.parametrize('args, requirements', [([], 'requirements.txt'), (['--dev'], 'requirements-dev.txt'),
+                                                (['--serve'], 'requirements-serve.txt')])
 def test_torch_in_the_venv_is_kept(tmp_path, args, requirements):
     m = Machine(tmp_path, torch='2.13.0+cpu', nvidia_smi='gpu', sources=dict(cpu_index=CPU_BUILD, plain=CUDA_BUILD))
     proc = ok(m.run('install.sh', *args))
