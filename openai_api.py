@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from dataset import normalize_unicode
-from tokenizer import CHAT_ROLES, ChatTokenizer, TokenizerError, UnknownCharactersError
+from tokenizer import CHAT_ROLES, ChatTokenizer, UnknownCharactersError
 
 MAX_LOGPROBS = 5  # the legacy API's limit on logprobs
 MAX_STOP = 4  # and on stop strings

@@ -11,7 +11,6 @@ arrive together are decoded together, as the rows of one batch. It listens on 12
 """
 import os
 import socket
-import sys
 import time
 
 import uvicorn

@@ -109,10 +109,16 @@ class Scheduler:
                 with self.wake:
                     while not self.rows and not self.waiting:
                         self.wake.wait()
-                self._drop_cancelled()
-                self._admit()
-                if self.rows:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.rows:
+                        self._step()
+                except Exception as e:  # a bug, or out of memory: the batch's requests fail, the server goes on
+                    for row in {id(r.job): r for r in self.rows.values()}.values():
+                        self._fail(row.job, e)
+                    self.rows.clear()
+                    self.decoder = BatchDecoder(self.model, self.max_rows, vocab_size=self.tokenizer.vocab_size)
 
     def _drop_cancelled(self):
         with self.wake:
@@ -154,14 +160,7 @@ class Scheduler:
         self.rows[row_id] = _Row(job, choice, TextStream(self.tokenizer, choice.prompt_ids, job.stop))
 
     def _step(self):
-        try:
-            steps = self.decoder.step()
-        except Exception as e:  # every row of the batch is lost; a fresh decoder serves the next requests
-            for row in {id(r.job): r for r in self.rows.values()}.values():
-                self._fail(row.job, e)
-            self.rows.clear()
-            self.decoder = BatchDecoder(self.model, self.max_rows, vocab_size=self.tokenizer.vocab_size)
-            return
+        steps = self.decoder.step()
         self.tokens_decoded += len(steps)
         for step in steps:
             row = self.rows.get(step.row)

@@ -5,12 +5,12 @@ One server process serves the whole module: a tiny char model with a long contex
 import dataclasses
 import json
 import os
+import queue
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -436,6 +436,29 @@ def test_requests_share_the_batch_and_clients_that_hang_up_free_their_rows(serve
         httpx.post(f"{server['url']}/v1/completions", json={**body, 'stream': False}, headers=headers, timeout=0.1)
     assert decoded_after_hang_up(server) < 100
     assert client(server).completions.create(model=server['base'], prompt='a', max_tokens=3).choices[0].text
+
+
+def test_a_failure_while_decoding_fails_those_requests_alone(server, capfd):
+    """A fault inside the batch (here the decoder's step raising, as running out of memory would) fails the requests
+    in it with a 500 in one line, logs the traceback, and the next request is served by a fresh decoder."""
+    from serving import Scheduler
+    model, description, _ = load_model(server['base_dir'])
+    tok = load_tokenizer(description)
+    scheduler = Scheduler(model.eval(), tok, max_rows=2, name='test').start()
+    settings = dict(max_new_tokens=5, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=1)
+    events = queue.Queue()
+
+    def broken():
+        raise RuntimeError('simulated: out of memory')
+    scheduler.decoder.step = broken
+    scheduler.submit([tok.encode('ab')], 2, settings, events.put)
+    failed = events.get(timeout=30)
+    assert failed['status'] == 500 and 'RuntimeError' in failed['error'] and '\n' not in failed['error']
+    scheduler.submit([tok.encode('ab')], 1, settings, events.put)
+    got = [events.get(timeout=30) for _ in range(6)]
+    assert got[-1] == {'choice': 0, 'finish_reason': 'length'} and len(''.join(e['text'] for e in got[:-1])) == 5
+    assert events.empty()  # the failed job's second row sent nothing more
+    assert 'simulated: out of memory' in capfd.readouterr().err  # the traceback, in the server's log
 
 
 # ---------------------------------------------------------------------------- the page, in a browser
