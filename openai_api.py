@@ -250,9 +250,14 @@ class Collected:
             out['text_offset'].append(len(self.tokenizer.decode_complete(self.ids)) if self.ids else 0)
             self.ids.append(token)
             out['tokens'].append(decode([token]))
-            out['token_logprobs'].append(logprob)
-            out['top_logprobs'].append(None if top is None else {decode([t]): lp for t, lp in top})
+            out['token_logprobs'].append(finite(logprob))
+            out['top_logprobs'].append(None if top is None else {decode([t]): finite(lp) for t, lp in top})
         return out
+
+
+def finite(logprob):
+    """JSON has no -Infinity (a token the model gives no probability at all): OpenAI's stand-in for it."""
+    return logprob if logprob is None or math.isfinite(logprob) else -9999.0
 
 
 def new_id(prefix):

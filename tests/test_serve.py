@@ -560,3 +560,12 @@ def test_the_playground_in_a_browser(server, tmp_path):
         assert driver.find_element(By.ID, 'prompt').get_attribute('value') == ''
     finally:
         driver.quit()
+
+
+def test_a_token_given_no_probability_is_reported_in_json_as_openai_does():
+    """-inf is no JSON number (the JSON encoder refuses it, a 500): such a log-probability is OpenAI's -9999."""
+    from openai_api import Collected
+    records = [(1, None, None), (2, -float('inf'), [(2, -float('inf')), (3, -0.5)])]
+    lp = Collected(CharTokenizer(CHARS), []).logprobs(records)
+    json.dumps(lp, allow_nan=False)
+    assert lp['token_logprobs'] == [None, -9999.0] and lp['top_logprobs'][1] == {CHARS[2]: -9999.0, CHARS[3]: -0.5}
