@@ -210,7 +210,6 @@ def chat_loop():
     least = max(1, min(max_new_tokens, block_size // 8))
     exchanges = []  # token ids of each user turn and its reply, as fed to the model
     decoder = None
-    device = next(model.parameters()).device
     for message in input_lines('chat: type a message and press Enter; end with Ctrl-D', 'you> '):
         turn = (tokenizer.marker_ids['user'] + encode_text(message) + [tokenizer.end_id]
                 + tokenizer.marker_ids['assistant'])

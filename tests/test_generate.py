@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from conftest import assert_no_near_tie, decoder_of
-from decoder import BatchDecoder, check_controls, filter_top_k, filter_top_p, penalise_repetition, sample_token
+from decoder import check_controls, filter_top_k, filter_top_p, penalise_repetition, sample_token
 from generate import beam_search, generate, generate_text, generate_tokens, use_decoding_layout
 from model import GPT, GPTConfig
 from muon import configure_optimizers
