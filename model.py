@@ -82,18 +82,19 @@ class Norm(nn.Module):
 
 
 def rotary_tables(head_dim, positions, base):
-    """cos and sin of the rotation angles of each position, (len(positions), head_dim // 2). Computed for the
-    positions of each forward pass: a few hundred numbers, where tables for the whole block_size would be memory
+    """cos and sin of the rotation angles of each position, positions.shape + (head_dim // 2,): positions (T,) are
+    shared by every row, (B, T) are each row's own (rows of a decoding batch stand at different lengths). Computed for
+    the positions of each forward pass: a few hundred numbers, where tables for the whole block_size would be memory
     a checkpoint's config alone decides."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    angles = torch.outer(positions.float(), inv_freq)
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x, cos, sin):
     # x: (B, nh, T, hs); rotate each (first half, second half) pair of channels by its position's angle
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -121,20 +122,10 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        past = 0
-        if cache is not None:
-            past = cache.pos
-            k, v = cache.update(self.layer, k, v)
-        # flash attention make GPU go brrrrr. Plain Python branches rather than a computed is_causal flag: under
-        # torch.compile the cache position is symbolic, and a branch on it is a guard, where a flag would break the graph
-        dropout = self.dropout if self.training else 0.0
-        if T == 1:  # one new token sees every key so far
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:  # new tokens after a cached prefix: query i sees the keys up to past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if cache is not None:  # decoding: the cache stores the new keys and values and attends over all it holds
+            y = cache.attend(self.layer, q, k, v)
+        else:  # flash attention make GPU go brrrrr
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -251,15 +242,15 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx: (B, T) token ids. With targets (B, T), also returns the mean cross-entropy loss (ids of -1
-        are ignored). With a cache (generate.KVCache: the keys and values of the tokens already seen), idx holds
-        only the tokens after those; every layer stores its new keys and values in it.
-        last_only computes logits for the last position alone (all generation needs)."""
+        are ignored). With a cache (decoder.py's: the keys and values of the tokens already seen), idx holds
+        only the tokens after those: the cache gives their positions (cache.positions(T): (T,), or (B, T) where each
+        row has its own) and does every layer's attention (cache.attend: store the new keys and values, attend over
+        all of them). last_only computes logits for the last position alone (all generation needs)."""
         B, T = idx.size()
-        past = cache.pos if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f'cannot forward {past + T} positions, block_size is only {self.config.block_size}')
+        if cache is None and T > self.config.block_size:
+            raise ValueError(f'cannot forward {T} positions, block_size is only {self.config.block_size}')
         x = self.transformer.wte(idx)
-        positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
         rotary = None
         if self.config.position == 'learned':
             x = x + self.transformer.wpe(positions)
@@ -272,8 +263,6 @@ class GPT(nn.Module):
             else:
                 x = block(x, rotary, cache)
         x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.pos += T
         if last_only:
             x = x[:, [-1], :]
         logits = self.lm_head(x)

@@ -22,7 +22,8 @@ import torch
 from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
 from dataset import DatasetError, decode_utf8, normalize_unicode, unicode_form
-from generate import Decoder, check_controls, continue_tokens, generate_text, use_decoding_layout
+from decoder import BatchDecoder, check_controls
+from generate import generate_text, use_decoding_layout
 from hf_gpt2 import HFError
 from runtime import autocast, resolve_device, resolve_dtype
 from tokenizer import ChatTokenizer, TokenizerError, UnknownCharactersError, load_tokenizer
@@ -51,7 +52,7 @@ seed = 1337  # the same seed and settings give the same samples
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'
 use_cache = True  # the key/value cache: identical output, much faster
-compile = False  # torch.compile the model (slow to start, rarely worth it for sampling)
+compile = False  # torch.compile the one-token decoding step (CUDA graphs on a GPU; slow to start; see bench_sample.py)
 # -----------------------------------------------------------------------------
 configure(globals(), positional='start', aliases={'prompt': 'start'})
 
@@ -98,8 +99,6 @@ use_decoding_layout(model)  # faster one-token steps on a CPU, the same results 
 torch.manual_seed(seed)  # after loading: the samples depend on the seed, not on how the model was built
 # mixed precision as in training: float32 weights (and rotary tables), matmuls in bfloat16/float16
 ctx = autocast(device, dtype)
-if compile:
-    model = torch.compile(model)
 block_size = model.config.block_size
 
 
@@ -159,7 +158,8 @@ def run(prompt_text):
     with ctx:
         completions = generate_text(model, tokenizer, ids, num_samples, max_new_tokens, temperature, top_k or None,
                                     top_p, repetition_penalty, num_beams, length_penalty, stop_strings, use_cache,
-                                    on_text=stream if streaming else None, progress=progress)
+                                    on_text=stream if streaming else None, progress=progress, seed=seed,
+                                    compile=compile)
     if streaming:
         print('\n---------------')
     for completion in completions[1:] if streaming else completions:
@@ -210,7 +210,6 @@ def chat_loop():
     least = max(1, min(max_new_tokens, block_size // 8))
     exchanges = []  # token ids of each user turn and its reply, as fed to the model
     decoder = None
-    device = next(model.parameters()).device
     for message in input_lines('chat: type a message and press Enter; end with Ctrl-D', 'you> '):
         turn = (tokenizer.marker_ids['user'] + encode_text(message) + [tokenizer.end_id]
                 + tokenizer.marker_ids['assistant'])
@@ -228,21 +227,23 @@ def chat_loop():
             decoder = None
         if decoder is None:
             ids = [i for exchange in exchanges for i in exchange] + turn
-            decoder = Decoder(model, torch.tensor([ids], dtype=torch.long, device=device), use_cache)
+            decoder = BatchDecoder(model, 1, tokenizer.vocab_size, use_cache=use_cache, compile=compile)
+            # the end of turn is the chat loop's to see: the conversation's row never leaves the decoder by itself
+            decoder.add(ids, block_size * 1000, temperature, top_k or None, top_p, repetition_penalty, seed=seed)
         else:
-            decoder.append(torch.tensor([turn], dtype=torch.long, device=device))
+            decoder.append([turn])
         reply, shown, decode = [], 0, tokenizer.decode
         with ctx:
-            for token in continue_tokens(decoder, max_new_tokens, temperature, top_k or None, top_p,
-                                         repetition_penalty, tokenizer.vocab_size):
-                if token.item() == tokenizer.end_id:
+            for _ in range(max_new_tokens):
+                token = decoder.step()[0].token
+                if token == tokenizer.end_id:
                     break
-                reply.append(token.item())
+                reply.append(token)
                 text = tokenizer.decode_complete(reply)  # a character cut in two: wait for the rest
                 print(text[shown:], end='', flush=True)
                 shown = len(text)
             else:  # no end of turn within max_new_tokens: close the turn, as training's conversations are
-                decoder.append(torch.tensor([tokenizer.end_id], device=device))
+                decoder.append([[tokenizer.end_id]])
                 decode = tokenizer.decode_complete  # without a character max_new_tokens cut in two
         print(decode(reply)[shown:], flush=True)
         exchanges.append(turn + reply + [tokenizer.end_id])

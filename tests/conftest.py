@@ -129,6 +129,17 @@ def assert_no_near_tie(logits, what=''):
                             f'differences between code paths can swap: pick data (a seed) with clear-cut choices')
 
 
+def decoder_of(model, prompt, use_cache=True, max_new_tokens=None):
+    """A decoder.BatchDecoder continuing every row of prompt (B, T), to be driven step by step (next_logits, append);
+    decoder_of(...).tokens() is each row's sequence so far."""
+    from decoder import BatchDecoder
+    decoder = BatchDecoder(model, prompt.size(0), use_cache=use_cache,
+                           max_len=None if max_new_tokens is None else prompt.size(1) + max_new_tokens)
+    for row in prompt.tolist():
+        decoder.add(row, 10 ** 9, temperature=0)
+    return decoder
+
+
 def assert_clean_error(proc, *fragments):
     """A bad input ends with a non-zero exit and a short message, never a traceback."""
     assert proc.returncode != 0, proc.stdout

@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_TRAIN, assert_clean_error, final_weights, run
 
 from checkpoint import load_model, save_checkpoint
-from generate import Decoder, KVCache
+from conftest import decoder_of
+from decoder import PrefillView, StaticCache
 from model import GPT, MLP, GPTConfig, apply_rotary, rotary_tables
 from muon import configure_optimizers
 
@@ -158,14 +159,17 @@ def test_kv_cache_equals_no_cache_forward(switches):
     idx = torch.randint(0, 32, (2, 16))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache(model.config, 2, 16, 'cpu', torch.float32)
-        parts = [model(idx[:, :7], cache=cache)[0]]  # a prompt, then one token at a time
-        parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 16)]
+        cache = StaticCache(model.config, 2, 16, 'cpu', torch.float32)
+        parts = []
+        for row in range(2):  # a prompt, then one token at a time
+            pieces = [model(idx[[row], :7], cache=PrefillView(cache, row, 0))[0]]
+            pieces += [model(idx[[row], t:t + 1], cache=PrefillView(cache, row, t))[0] for t in range(7, 16)]
+            parts.append(torch.cat(pieces, dim=1))
     # attention over a cache, one position at a time, or all at once: float32 sums in another order, a few ulps
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts), full, rtol=1e-5, atol=1e-5)
 
     # past block_size, the decoder's window jumps forward: the cached and uncached paths still agree
-    cached, uncached = Decoder(model, idx[:, :5], use_cache=True), Decoder(model, idx[:, :5], use_cache=False)
+    cached, uncached = decoder_of(model, idx[:, :5], use_cache=True), decoder_of(model, idx[:, :5], use_cache=False)
     for step in range(40):
         a, b = cached.next_logits(), uncached.next_logits()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f'step {step}')

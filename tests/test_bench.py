@@ -118,7 +118,9 @@ def test_gpu_acceptance_script_rehearses_on_the_cpu(char_dataset):
     assert re.search(r'config/shakespeare_char_speedrun.py to val loss 4.5 +val [\d.]+ at step \d+ after', table)
     assert re.search(r'GPT-2 124M, bf16, compiled: ms per step +[\d.]+$', table, re.M)
     assert re.search(r'batch_size=auto: micro-batch, accumulation steps, peak MiB +\d+, \d+, [\d,]+$', table, re.M)
-    assert re.search(r'tokens/s\) +[\d,]+ with the cache, [\d,]+ without .*same tokens: yes$', table, re.M)
+    assert re.search(r'decoding: 100 tokens with the cache / without +[\d,]+ / [\d,]+ tokens/s: .*same tokens: yes$',
+                     table, re.M)
+    assert re.search(r'decoding: batch 4, different prompts, eager +[\d,]+ tokens/s +[\d.]+x batch 1$', table, re.M)
     assert re.search(r'torchrun, 1 process, FSDP: train, save, resume, finish, with samples +ok in \d+ s; '
                      r'recompilations for the samples: 0$', table, re.M)
     assert re.search(r'resumed run, peak MiB by phase +resume \d+; training \d+; save \d+$', table, re.M)

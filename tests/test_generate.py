@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from conftest import assert_no_near_tie
-from generate import (Decoder, beam_search, check_controls, continue_tokens, filter_top_k, filter_top_p, generate,
-                      generate_text, generate_tokens, penalise_repetition, sample_token, use_decoding_layout)
+from conftest import assert_no_near_tie, decoder_of
+from decoder import check_controls, filter_top_k, filter_top_p, penalise_repetition, sample_token
+from generate import beam_search, generate, generate_text, generate_tokens, use_decoding_layout
 from model import GPT, GPTConfig
 from muon import configure_optimizers
 from tokenizer import make_tokenizer
@@ -43,16 +43,16 @@ def sequence_score(model, idx, tokens, length_penalty=1.0):
 def greedy_without_near_ties(model, prompt, steps, use_cache=True):
     """generate(model, prompt, steps, temperature=0, use_cache=use_cache)'s new tokens (B, steps), by the same decoder,
     checking that no step's logits have a near-tie: another code path's greedy tokens must then be these exactly."""
-    decoder = Decoder(model, prompt, use_cache, steps)
+    decoder = decoder_of(model, prompt, use_cache, steps)
     for step in range(steps):
         logits = decoder.next_logits()
         assert_no_near_tie(logits, f' (step {step})')
         decoder.append(logits.argmax(-1))
-    return decoder.seq[:, prompt.size(1):]
+    return torch.tensor(decoder.tokens())[:, prompt.size(1):]
 
 
 def window_start(length, start):
-    """The documented window rule (generate.Decoder): past block_size, jump to the newest half block."""
+    """The documented window rule (decoder.BatchDecoder): past block_size, jump to the newest half block."""
     return length - BLOCK // 2 if length - start > BLOCK else start
 
 
@@ -62,7 +62,7 @@ def window_start(length, start):
 def test_cache_logits_equal_no_cache_and_plain_forward_past_block_size(overrides, prompt_len):
     model = tiny_gpt(**overrides)
     prompt = torch.randint(0, 48, (2, prompt_len), generator=torch.Generator().manual_seed(1))
-    cached, plain = Decoder(model, prompt, use_cache=True), Decoder(model, prompt, use_cache=False)
+    cached, plain = decoder_of(model, prompt, use_cache=True), decoder_of(model, prompt, use_cache=False)
     start = max(0, prompt_len - BLOCK)
     seq = prompt
     for step in range(3 * BLOCK):  # several window jumps
@@ -375,24 +375,22 @@ def test_stop_strings_and_end_of_text_end_a_completion():
 @pytest.mark.parametrize('overrides', [dict(), dict(position='rotary', norm='rmsnorm', qk_norm=True, bias=False)],
                          ids=['gpt2', 'rotary'])
 def test_compiled_decoding_compiles_a_few_graphs_and_gives_the_same_tokens(overrides):
-    """torch.compile (graphs counted by a backend that runs them as they are, no inductor): a prefill, the
-    one-token step, and one graph for prompts and refills of any other length (PyTorch 2.8+; 2.6 takes one
-    more), however many steps, window jumps and prompts follow. Before, every layer and cache position was a
-    graph of its own (dynamo's recompile limit came within 2 tokens)."""
+    """The compiled one-token step (graphs counted by a backend that runs them as they are, no inductor): one graph
+    for a batch of a given size, however many steps, window jumps and prompts follow (positions are a tensor, not
+    Python ints: the shapes never change), and the eager step's tokens."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     model = tiny_gpt(n_layer=4, **overrides)
     counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter)
     for seed, prompt_len in ((1, 5), (2, 9), (3, 3)):
         prompt = torch.randint(0, 48, (2, prompt_len), generator=torch.Generator().manual_seed(seed))
         eager = generate(model, prompt, 3 * BLOCK, temperature=0)
-        tokens = torch.stack(list(generate_tokens(compiled, prompt, 3 * BLOCK, temperature=0)), dim=1)
+        tokens = torch.stack(list(generate_tokens(model, prompt, 3 * BLOCK, temperature=0, compile=counter)), dim=1)
         # exactly: the counting backend runs the captured graphs' torch operations as they are (no inductor, no
         # fusion), on the same tensors as the eager decoder: the same arithmetic
         assert torch.equal(torch.cat([prompt, tokens], dim=1), eager)
-    assert counter.frame_count <= 4
+    assert counter.frame_count == 1
 
 
 @pytest.mark.parametrize('overrides', [dict(), dict(position='rotary', norm='rmsnorm', qk_norm=True, bias=False)],
@@ -404,17 +402,17 @@ def test_kv_cache_under_bfloat16_autocast_is_bfloat16_and_follows_the_no_cache_l
     model = tiny_gpt(**overrides)
     prompt = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(5))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        cached, plain = Decoder(model, prompt, use_cache=True), Decoder(model, prompt, use_cache=False)
+        cached, plain = decoder_of(model, prompt, use_cache=True), decoder_of(model, prompt, use_cache=False)
         for step in range(3 * BLOCK):  # past block_size: window jumps and cache refills
             a, b = cached.next_logits(), plain.next_logits()
             if step == 0:
-                assert cached.cache.k.dtype == cached.cache.v.dtype == torch.bfloat16
+                assert cached.cache.k[0].dtype == cached.cache.v[0].dtype == torch.bfloat16
             torch.testing.assert_close(a, b, atol=0.02 * b.abs().max().item(), rtol=0, msg=f'step {step}')
             token = b.argmax(-1)
             cached.append(token), plain.append(token)
-    decoder = Decoder(model, prompt)  # without autocast, the weights' float32
+    decoder = decoder_of(model, prompt)  # without autocast, the weights' float32
     decoder.next_logits()
-    assert decoder.cache.k.dtype == torch.float32
+    assert decoder.cache.k[0].dtype == torch.float32
 
 
 def test_a_conversation_feeds_each_token_through_the_model_once():
@@ -427,10 +425,10 @@ def test_a_conversation_feeds_each_token_through_the_model_once():
     decoder, history, replies = None, [], []
     for turn in turns:
         if decoder is None:
-            decoder = Decoder(model, torch.tensor([turn]))
+            decoder = decoder_of(model, torch.tensor([turn]))
         else:
-            decoder.append(torch.tensor([turn]))
-        reply = [t.item() for t in continue_tokens(decoder, 2, temperature=0.0)]
+            decoder.append([turn])
+        reply = [decoder.step()[0].token for _ in range(2)]
         replies.append(reply)
         history += turn + reply
     assert sum(fed) == len(history) - 1  # every token once, but the last reply's last (never fed back)

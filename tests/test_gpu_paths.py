@@ -5,12 +5,11 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_no_near_tie, run
+from conftest import TINY_TRAIN, assert_no_near_tie, decoder_of, run
 
 from safetensors.torch import load_file
 
 from checkpoint import load_model, read_checkpoint, save_checkpoint
-from generate import Decoder
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, make_tokenizer
 
@@ -88,7 +87,7 @@ def greedy_has_no_near_tie(out, prompt, n):
     (conftest.assert_no_near_tie): two decoding paths of other arithmetic (compiled, eager) must give the same text."""
     model, description, _ = load_model(out)
     tokenizer = load_tokenizer(description)
-    decoder = Decoder(model.eval(), torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=n)
+    decoder = decoder_of(model.eval(), torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=n)
     for step in range(n):
         logits = decoder.next_logits()[:, :tokenizer.vocab_size]
         assert_no_near_tie(logits, f' (step {step})')

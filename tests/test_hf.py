@@ -388,7 +388,7 @@ def test_top_p_matches_transformers_warper():
     """The nucleus over GPT-2-sized vocabularies, against transformers' top-p warper computing in float64."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from generate import filter_top_p
+    from decoder import filter_top_p
     g = torch.Generator().manual_seed(0)
     for top_p in (0.5, 0.9, 0.95, 0.99):
         for scale in (1.0, 3.0):
@@ -406,7 +406,7 @@ def test_top_p_breaks_ties_as_transformers_does():
     descending, and kept other tokens than transformers' warper in 41 to 44 of these 64 rows at top_p=0.5."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from generate import filter_top_p
+    from decoder import filter_top_p
     g = torch.Generator().manual_seed(0)
     for top_p in (0.5, 0.9):
         logits = (torch.randn(64, 8192, generator=g) * 2).bfloat16().float()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from generate import check_controls
+from decoder import check_controls
 from tokenizer import HFTokenizer, TokenizerError
 
 
