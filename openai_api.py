@@ -191,16 +191,13 @@ def prompts_of(served, body):
     return ids
 
 
-def fit_context(served, prompt_ids, max_tokens):
-    """max_tokens, cut to what the model's context leaves after the longest prompt (the choice then finishes with
-    'length', as at max_tokens); 400 for a prompt that leaves no room, or does not fit at all."""
+def check_context(served, prompt_ids):
+    """400 for a prompt longer than the model's context. A completion may go past it: the decoder's window slides
+    (by half a block when full, as sample.py's does)."""
     longest = max(map(len, prompt_ids))
-    room = served.block_size - longest
-    if room < 0 or (room == 0 and max_tokens > 0):
+    if longest > served.block_size:
         raise ApiError(400, f"model {served.id}'s context is {served.block_size} tokens and the prompt has {longest}: "
-                            f'{"no room is left for a completion" if room == 0 else "it does not fit"}, shorten it',
-                       'prompt', 'context_length_exceeded')
-    return min(max_tokens, room)
+                            f'shorten it', 'prompt', 'context_length_exceeded')
 
 
 def chat_prompt(served, body):
@@ -449,7 +446,8 @@ def make_app(models, limits=None, api_key=None, page=None):
         if len(prompts) * n > limits.max_n:
             raise ApiError(400, f'{len(prompts)} prompts x n={n} is more than the {limits.max_n} completions one '
                                 f'request may ask for', 'n')
-        settings = sampling(body, fit_context(served, prompts, max_tokens))
+        check_context(served, prompts)
+        settings = sampling(body, max_tokens)
         job, events, close = submit(served, prompts, n, settings, stop, served.tokenizer.eot_id, logprobs, echo)
         head = {'id': new_id('cmpl'), 'object': 'text_completion', 'created': int(time.time()), 'model': served.id}
         # what text_offset counts from: the prompt's start, whether or not it is echoed
@@ -494,8 +492,8 @@ def make_app(models, limits=None, api_key=None, page=None):
         prompt = chat_prompt(served, body)
         n = integer(body, 'n', 1, 1, limits.max_n)
         key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
-        max_tokens = fit_context(served, [prompt], integer(body, key, limits.max_tokens, 1, limits.max_tokens))
-        settings = sampling(body, max_tokens)
+        check_context(served, [prompt])
+        settings = sampling(body, integer(body, key, limits.max_tokens, 1, limits.max_tokens))
         stop, stream, with_usage = stop_strings(body), boolean(body, 'stream'), include_usage(body)
         job, events, close = submit(served, [prompt], n, settings, stop, served.tokenizer.end_id)
         head = {'id': new_id('chatcmpl'), 'object': 'chat.completion', 'created': int(time.time()),

@@ -155,8 +155,10 @@ class Scheduler:
         if s['max_new_tokens'] == 0:  # scoring only (echo): nothing to decode
             job.emit({'choice': choice.index, 'finish_reason': 'length'})
             return
+        # logprobs=0 asks for the chosen tokens' log-probabilities alone: the decoder reports them with a top of 1
+        top = 0 if job.logprobs is None else max(1, job.logprobs)
         row_id = self.decoder.add(choice.prompt_ids, s['max_new_tokens'], s['temperature'], s['top_k'], s['top_p'],
-                                  s['repetition_penalty'], choice.seed, job.eot_id, job.logprobs or 0)
+                                  s['repetition_penalty'], choice.seed, job.eot_id, top)
         self.rows[row_id] = _Row(job, choice, TextStream(self.tokenizer, choice.prompt_ids, job.stop))
 
     def _step(self):
@@ -171,7 +173,7 @@ class Scheduler:
             text, tokens = '', []
             if not ended_by_model:
                 text = row.stream.push(step.token)
-                top = None if job.logprobs is None else step.top or []
+                top = None if job.logprobs is None else step.top[:job.logprobs]
                 tokens = [(step.token, step.logprob, top)]
             reason = 'stop' if ended_by_model or row.stream.done else 'length' if step.finished else None
             if reason:
