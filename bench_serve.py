@@ -7,7 +7,8 @@ size of config/shakespeare_char.py (6 layers, 6 heads, 384 wide, block 256; rand
 
 Starts serve.py on a free port, then for each number of clients has each stream one completion of max_tokens
 tokens, all at once, and prints the tokens per second summed over the clients (the tokens each client got, from
-the usage the server reports, over the time until the last one finished). Requests that arrive together are decoded
+the usage the server reports, over the time until the last one finished): the median of `repeats` rounds, and the
+range. The machine's load (`uptime`) is printed beside them: on a shared machine the figures move with it. Requests that arrive together are decoded
 as the rows of one batch, so the sum should grow with the clients while one client's speed drops less.
 """
 import dataclasses
@@ -38,6 +39,8 @@ block_size = 256
 clients = '1,4,16'  # the numbers of clients streaming at once, one run each
 max_tokens = 200  # tokens per completion
 batch_size = 16  # serve.py's rows decoded together
+repeats = 3  # rounds over all the numbers of clients: each figure is the median of its rounds
+threads = 0  # the server's CPU threads for torch (OMP_NUM_THREADS), 0 leaves torch's default
 device = 'cpu'
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -56,7 +59,8 @@ if not out_dir:
 server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.py'),
                            f'--out_dir={out_dir}', '--port=0', f'--batch_size={batch_size}',
                            f'--max_requests={max(counts)}', f'--max_tokens={max_tokens}', f'--device={device}'],
-                          stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {})})
 try:
     line = server.stdout.readline()
     found = re.search(r' at (http://[\d.]+:\d+):', line)
@@ -69,12 +73,12 @@ try:
     def stream(i, got):
         body = {'model': name, 'prompt': '\n', 'max_tokens': max_tokens, 'temperature': 1.0, 'seed': seed + i,
                 'stream': True, 'stream_options': {'include_usage': True}}
+        tail = b''
         with httpx.stream('POST', f'{url}/v1/completions', json=body, timeout=600) as r:
-            for event in r.iter_lines():
-                if event.startswith('data: {'):
-                    data = json.loads(event[6:])
-                    if data.get('usage'):
-                        got[i] = data['usage']['completion_tokens']
+            for chunk in r.iter_raw():  # read as it comes, parsed at the end: the clients take little of the CPU
+                tail = (tail + chunk)[-1000:]
+        usage = re.search(rb'"usage": (\{[^}]*\})', tail)
+        got[i] = json.loads(usage.group(1))['completion_tokens']
 
     def run(n):
         got = [0] * n
@@ -87,13 +91,17 @@ try:
         return sum(got), time.perf_counter() - t0
 
     run(2)  # warm up
-    print(f"{'clients':>7} | {'tokens':>6} | {'seconds':>7} | {'tokens/s, summed':>16} | {'per client':>10} | vs 1 client")
-    first = None
+    rates = {n: [] for n in counts}
+    for _ in range(repeats):  # rounds, so that a busy moment of the machine falls on every number of clients alike
+        for n in counts:
+            tokens, seconds = run(n)
+            assert tokens == n * max_tokens, (tokens, n)  # every completion complete
+            rates[n].append(tokens / seconds)
+    median = {n: sorted(r)[len(r) // 2] for n, r in rates.items()}
+    print(f"{'clients':>7} | {'tokens/s, summed (median; range)':>32} | {'per client':>10} | vs 1 client")
     for n in counts:
-        tokens, seconds = run(n)
-        rate = tokens / seconds
-        first = first or rate
-        print(f'{n:>7} | {tokens:>6} | {seconds:>7.2f} | {rate:>16.1f} | {rate / n:>10.1f} | {rate / first:.1f}x')
+        spread = f'{median[n]:.0f} ({min(rates[n]):.0f}-{max(rates[n]):.0f})'
+        print(f'{n:>7} | {spread:>32} | {median[n] / n:>10.1f} | {median[n] / median[counts[0]]:.1f}x')
     print('uptime:', subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip())
 finally:
     server.terminate()

@@ -277,6 +277,22 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
+def queued(first, events):
+    """first and the events queued behind it, where one choice's new text follows its own: joined into one. A client
+    that reads slower than the batch decodes (many clients on few cores) gets fewer, longer chunks instead of one
+    chunk a token, whose sending would take the cores from decoding."""
+    out = [first]
+    while not events.empty():
+        event, last = events.get_nowait(), out[-1]
+        if 'text' in event and 'text' in last and event['choice'] == last['choice'] and not event.get('echo') \
+                and not last.get('echo'):
+            out[-1] = {'choice': last['choice'], 'text': last['text'] + event['text'],
+                       'tokens': (last['tokens'] or []) + (event['tokens'] or [])}
+        else:
+            out.append(event)
+    return out
+
+
 def sse(data):
     return f'data: {json.dumps(data)}\n\n'
 
@@ -412,19 +428,19 @@ def make_app(models, limits=None, api_key=None, page=None):
         choice's end, usage_chunk(completion_tokens) (or None) at the very end, then [DONE]."""
         left, generated = len(job.choices), 0
         while left:
-            event = await events.get()
-            if 'error' in event:
-                kind = 'invalid_request_error' if event['status'] < 500 else 'server_error'
-                yield sse({'error': {'message': event['error'], 'type': kind, 'param': None, 'code': None}})
-                return
-            if 'finish_reason' in event:
-                left -= 1
-                data = finish_chunk(event['choice'], event['finish_reason'])
-            else:
-                generated += 0 if event.get('echo') else len(event.get('tokens') or [])
-                data = chunk(event['choice'], event)
-            if data is not None:
-                yield sse(data)
+            for event in queued(await events.get(), events):
+                if 'error' in event:
+                    kind = 'invalid_request_error' if event['status'] < 500 else 'server_error'
+                    yield sse({'error': {'message': event['error'], 'type': kind, 'param': None, 'code': None}})
+                    return
+                if 'finish_reason' in event:
+                    left -= 1
+                    data = finish_chunk(event['choice'], event['finish_reason'])
+                else:
+                    generated += 0 if event.get('echo') else len(event.get('tokens') or [])
+                    data = chunk(event['choice'], event)
+                if data is not None:
+                    yield sse(data)
         last = usage_chunk(generated)
         if last is not None:
             yield sse(last)
