@@ -40,7 +40,7 @@ clients = '1,4,16'  # the numbers of clients streaming at once, one run each
 max_tokens = 200  # tokens per completion
 batch_size = 16  # serve.py's rows decoded together
 repeats = 3  # rounds over all the numbers of clients: each figure is the median of its rounds
-threads = 0  # the server's CPU threads for torch (OMP_NUM_THREADS), 0 leaves torch's default
+threads = 0  # serve.py's --threads: torch's CPU threads, 0 its default (every core but one)
 device = 'cpu'
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -58,9 +58,8 @@ if not out_dir:
     save_checkpoint(out_dir, model, None, 0, 1e9, dataclasses.asdict(model.config), {}, CharTokenizer(chars).describe())
 server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.py'),
                            f'--out_dir={out_dir}', '--port=0', f'--batch_size={batch_size}',
-                           f'--max_requests={max(counts)}', f'--max_tokens={max_tokens}', f'--device={device}'],
-                          stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {})})
+                           f'--max_requests={max(counts)}', f'--max_tokens={max_tokens}', f'--device={device}',
+                           f'--threads={threads}'], stdout=subprocess.PIPE, text=True)
 try:
     line = server.stdout.readline()
     found = re.search(r' at (http://[\d.]+:\d+):', line)
@@ -82,12 +81,12 @@ try:
 
     def run(n):
         got = [0] * n
-        threads = [threading.Thread(target=stream, args=(i, got)) for i in range(n)]
+        clients = [threading.Thread(target=stream, args=(i, got)) for i in range(n)]
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
         return sum(got), time.perf_counter() - t0
 
     run(2)  # warm up

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 
+import torch
 import uvicorn
 
 from checkpoint import CheckpointError, load_model
@@ -38,6 +39,7 @@ max_requests = 64  # requests decoding or waiting at once, streams included; mor
 max_body_kb = 1024  # the largest request body
 normalize = 'NFC'  # Unicode normal form of prompts, as sample.py's --normalize; '' keeps them as sent
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
+threads = 0  # torch's CPU threads; 0: every core but one, which the HTTP side and the clients' streams need
 dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 on CPU), 'float32', ...
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -46,8 +48,8 @@ LOOPBACK = ('127.0.0.1', 'localhost', '::1')
 if host not in LOOPBACK and not api_key:
     fail(f'--host={host} lets other machines use this one: also pass --api_key=SECRET (clients send it as '
          f'"Authorization: Bearer SECRET"), or keep --host=127.0.0.1')
-for name, value in (('batch_size', batch_size), ('max_tokens', max_tokens), ('max_n', max_n),
-                    ('max_requests', max_requests), ('max_body_kb', max_body_kb)):
+for name, value in (('threads', threads or 1), ('batch_size', batch_size), ('max_tokens', max_tokens),
+                    ('max_n', max_n), ('max_requests', max_requests), ('max_body_kb', max_body_kb)):
     if value < 1:
         fail(f'--{name}={value} must be at least 1')
 try:
@@ -64,6 +66,11 @@ except OSError as e:
     fail(f'cannot listen on {host}:{port} ({e.strerror or e}): pick another --port (0 picks a free one), or stop '
          f'the program that holds it')
 t0 = time.time()
+if device == 'cpu':
+    # a core for the thread that streams the text and takes requests: decoding on every core starves it (compare
+    # python bench_serve.py --threads=N for N = every core and every core but one)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    torch.set_num_threads(threads or max(1, cores - 1))
 sources = [s.strip() for s in out_dir.split(',') if s.strip()]
 if len(set(sources)) < len(sources):
     fail(f'--out_dir={out_dir} names a model twice')

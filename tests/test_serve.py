@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model, save_checkpoint
-from conftest import ROOT, assert_clean_error, assert_no_near_tie, run, run_all, script_env
+from conftest import ROOT, assert_clean_error, assert_no_near_tie, run, run_all, script_env, torch_threads
 from model import GPT, GPTConfig
 from tokenizer import CharTokenizer, load_tokenizer, with_chat_template
 
@@ -33,7 +33,7 @@ BATCH = 4  # rows decoded together: fewer than the load test's clients, so reque
 MAX_REQUESTS = 16
 MAX_TOKENS = 1000
 SETTINGS = ['--batch_size=4', f'--max_requests={MAX_REQUESTS}', '--max_n=4', f'--max_tokens={MAX_TOKENS}',
-            '--max_body_kb=64', '--device=cpu']
+            '--max_body_kb=64', '--device=cpu', f'--threads={torch_threads()}']
 
 
 CHAT = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Who loves Juliet?'}]
