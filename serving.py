@@ -55,19 +55,19 @@ class _Row:
 
 @torch.no_grad()
 def score_prompt(model, ids, top=0):
-    """Each token of ids with its log-probability given the tokens before it (None for the first, which has no
-    context) and, with top > 0, the top likeliest tokens there: one forward pass over the prompt, what the
+    """Each token of ids as (id, its log-probability given the tokens before it, [(id, logprob)] of the top likeliest
+    tokens there), the first as (id, None, None), having no context: one forward pass over the prompt, what the
     completions API's echo with logprobs reports. ids must fit the model's block_size."""
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     with torch.inference_mode():
         logits, _ = model(idx)
     logp = F.log_softmax(logits[0, :-1].float(), dim=-1)  # position t predicts token t + 1
     chosen = logp.gather(1, idx[0, 1:, None])[:, 0].tolist()
-    tops = [None] * len(chosen)
+    tops = [[] for _ in chosen]
     if top:
         values, tokens = logp.topk(min(top, logp.size(-1)), dim=-1)
         tops = [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
-    return [(ids[0], None, [] if top else None)] + [(t, lp, tp) for t, lp, tp in zip(ids[1:], chosen, tops)]
+    return [(ids[0], None, None)] + [(t, lp, tp) for t, lp, tp in zip(ids[1:], chosen, tops)]
 
 
 class Scheduler:

@@ -186,7 +186,7 @@ def test_echo_and_logprobs_score_the_prompt_and_the_completion_as_a_forward_pass
     assert scored.choices[0].text == prompt and lp.tokens == list(prompt)
     assert lp.text_offset == list(range(len(prompt)))  # one character a token
     logp, tok = brute_force_logprobs(server['base_dir'], tok_ids := CharTokenizer(CHARS).encode(prompt))
-    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     # the server's model is laid out for decoding (use_decoding_layout): the same sums, maybe in another order
     torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), logp.gather(1, torch.tensor(tok_ids[1:])[:, None])[:, 0],
                                rtol=0, atol=1e-5)
@@ -203,6 +203,8 @@ def test_echo_and_logprobs_score_the_prompt_and_the_completion_as_a_forward_pass
     reference = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0][len(prompt) - 1:]
     torch.testing.assert_close(torch.tensor(lp.token_logprobs), reference, rtol=0, atol=1e-5)  # a KV cache's sums
     assert lp.top_logprobs == [{}] * 12  # logprobs=0: the chosen tokens' alone
+    echoed = api.completions.create(model=server['base'], prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert echoed.choices[0].logprobs.top_logprobs == [None] + [{}] * (len(prompt) - 1)
     # both at once, streamed: the prompt first, then each new token
     chunks = list(api.completions.create(model=server['base'], prompt=prompt, max_tokens=5, echo=True, logprobs=1,
                                          seed=1, stream=True))
