@@ -232,7 +232,7 @@ class Collected:
 
     def __init__(self, tokenizer, context_ids):
         self.tokenizer, self.ids = tokenizer, list(context_ids)  # ids: what text_offset counts from
-        self.text, self.records, self.finish_reason = '', [], None
+        self.text, self.records = '', []
 
     def add(self, event):
         self.text += event.get('text', '')
