@@ -15,6 +15,7 @@ with one table at the end.
 | Ctrl-C or SIGTERM | a checkpoint of that iteration; resuming from it gives the uninterrupted run's weights |
 | damaged or crafted checkpoint files | one line naming the problem, at once, without a large allocation |
 | damaged or crafted datasets (meta.json, the .bin files, tokenizer.json) | one line naming the file and the field, at once |
+| sizes beyond the memory (batch, width, depth, samples) | one line saying what it needs and what is free, before allocating (peak under 1 GB) |
 | bad settings | one line and exit code 2, never a traceback |
 
 A full disk is imitated two ways: for whole scripts, a file-size limit (RLIMIT_FSIZE, Linux or macOS), which
@@ -35,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -53,6 +55,26 @@ def script(name, *args, **kw):
     """Start a repository script; returns the Popen (stdout and stderr as text pipes)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, name), *map(str, args)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish_measured(proc, timeout=120):
+    """finish(proc) and the peak resident memory of its process in MiB, as the kernel counted it (Linux, macOS): the
+    process is reaped here, by wait4, which returns that count."""
+    out, err = [], []
+    readers = [threading.Thread(target=lambda f, into: into.append(f.read()), args=pair)
+               for pair in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    timed_out = not timer.is_alive()
+    timer.cancel()
+    for reader in readers:
+        reader.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss / (2**20 if sys.platform == 'darwin' else 1024)
+    return ('timeout' if timed_out else proc.returncode), out[0], err[0], peak
 
 
 def finish(proc, timeout=120):
@@ -619,6 +641,36 @@ BAD_SETTINGS = [
 ]
 
 
+# sizes that ask for more memory than the machine has: (script, arguments, a fragment of the message). Refused from
+# plan.py's estimate before anything is allocated; they used to end in the allocator's traceback, after seconds
+# and gigabytes, or (200,000 layers) build the model for minutes
+HUGE_SIZES = [
+    ('train.py', ['--batch_size=1000000000'], 'micro-batches of 1,000,000,000 x 32 tokens needs about'),
+    ('train.py', ['--n_embd=1048576'], '2 layers of 1048576 channels'),
+    ('train.py', ['--n_layer=200000'], '200000 layers of 32 channels'),
+    ('sample.py', ['--num_samples=10000000'], 'sampling 10,000,000 rows'),
+    ('sample.py', ['--num_beams=10000000', '--num_samples=1'], 'sampling 10,000,000 beams'),
+]
+
+
+def huge_sizes(lab, at_once=2):
+    """Every HUGE_SIZES line through its script (sample.py on a checkpoint of the lab's), at_once at a time:
+    [(script, args, one clean line saying what it needs and what is free?, seconds, peak MiB, message)]."""
+    lab.reference(2, 2)
+    results = []
+    for i in range(0, len(HUGE_SIZES), at_once):
+        started = []
+        for j, (name, args, fragment) in enumerate(HUGE_SIZES[i:i + at_once], start=i):
+            where = ([f'--dataset={lab.data}', f'--out_dir={lab.out(f"huge-{j}")}', *TRAIN] if name == 'train.py' else
+                     [f'--out_dir={lab.out("reference-2-2")}', '--device=cpu', '--max_new_tokens=5'])
+            started.append((name, args, fragment, time.time(), script(name, *where, *args)))
+        for name, args, fragment, t0, proc in started:
+            code, _, err, peak = finish_measured(proc, timeout=60)
+            ok = one_line_error(code, err) and fragment in err and 'GiB free' in err
+            results.append((name, args, ok, time.time() - t0, peak, err.strip()))
+    return results
+
+
 def bad_settings(lab, at_once=2):
     """Every BAD_SETTINGS line through its script, at_once at a time (most of their time is start-up):
     [(script, args, one clean line with the fragment?, message)]."""
@@ -676,6 +728,9 @@ def main(argv):
         datasets = damaged_datasets(lab)
         row('damaged or crafted datasets', len(datasets),
             f"one clean line {sum(r[1] for r in datasets)}; slowest {max(r[2] for r in datasets):.1f} s")
+        huge = huge_sizes(lab)
+        row('sizes beyond the memory', len(huge), f"one clean line {sum(r[2] for r in huge)}; slowest "
+            f"{max(r[3] for r in huge):.1f} s; largest peak {max(r[4] for r in huge):,.0f} MiB")
         swept = bad_settings(lab)
         row('bad settings', len(swept), f"one clean line, exit 2: {sum(r[2] for r in swept)}")
     width = max(len(r[0]) for r in rows)
@@ -688,6 +743,9 @@ def main(argv):
     for name, ok, _, message in datasets:
         if not ok:
             print(f'damaged dataset {name!r}: {message[-300:]}')
+    for name, args, ok, _, _, message in huge:
+        if not ok:
+            print(f"{name} {' '.join(args)}: {message[-300:]}")
     for name, args, ok, message in swept:
         if not ok:
             print(f"{name} {' '.join(args)}: {message[-300:]}")

@@ -48,7 +48,8 @@ def compute_dtype(weight):
     """The dtype the model computes in: autocast's where it is on (keys and values come out of the matmuls in
     it, so a cache in float32 would take twice the memory and a cast every step), else the weights'."""
     device_type = weight.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    autocasting = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)  # not on meta
+    return torch.get_autocast_dtype(device_type) if autocasting else weight.dtype
 
 
 class Decoder:

@@ -23,9 +23,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from generate import Decoder
 from model import GPT, GPTConfig
 from muon import configure_optimizers
-from runtime import DTYPES
+from runtime import DTYPES, free_memory
 
 MiB = 2**20
 
@@ -179,6 +180,48 @@ def estimate_memory(model_config, batch_size, block_size=None, optimizer='adamw'
     parts['peak'] = (baseline + during_step + parts['ddp buckets'] + parts['fsdp gathered']
                      + parts['autocast copies'])
     return parts
+
+
+def training_peak(model_config, batch_size, **settings):
+    """estimate_memory's peak for a model of any depth in constant time: the blocks are alike, so every part grows
+    by the same bytes per block, and a deep model's is extrapolated from a one- and a two-block model's (simulating
+    200,000 blocks would take minutes). settings: estimate_memory's."""
+    depth = model_config.n_layer
+    if depth <= 2:
+        return estimate_memory(model_config, batch_size, **settings)['peak']
+    one, two = (estimate_memory(GPTConfig(**{**vars(model_config), 'n_layer': n}), batch_size, **settings)['peak']
+                for n in (1, 2))
+    return one + (depth - 1) * (two - one)
+
+
+def decoding_peak(model_config, rows, prompt_tokens, max_new_tokens, use_cache=True, dtype='float32'):
+    """The bytes sampling rows completions of a prompt of prompt_tokens tokens takes besides the weights: the first
+    forward pass over the prompt (its activations, the KV cache, the last position's logits) and a one-token step
+    after it, on the meta device as in estimate_memory. dtype: autocast's (the cache and activations are in it)."""
+    with torch.device('meta'):
+        model = GPT(model_config)
+    if dtype != 'float32':
+        model.to(DTYPES[dtype])
+    model.eval()
+    tracker = LiveStorages()
+    for p in model.parameters():
+        tracker.add(p, 'weights')
+    with tracker:
+        idx = torch.zeros(1, prompt_tokens, dtype=torch.long, device='meta').repeat(rows, 1)
+        decoder = Decoder(model, idx, use_cache, max_new_tokens)
+        logits = decoder.next_logits()
+        decoder.append(logits.argmax(-1))
+        decoder.next_logits()
+    return max(point.get('other', 0) for point in tracker.timeline)
+
+
+def refusal(need, device, what):
+    """A line refusing what (a run, a request), which needs need bytes more than device has free, or None where it
+    fits or the free memory cannot be known."""
+    free = free_memory(device)
+    if free is None or need <= free:
+        return None
+    return f'{what} needs about {need / 2**30:,.1f} GiB of memory and {device} has {free / 2**30:,.1f} GiB free'
 
 
 def resident_bytes():

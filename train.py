@@ -40,7 +40,7 @@ from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
 from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
-from plan import show_plan
+from plan import refusal, show_plan, training_peak
 from recovery import ON_DIVERGENCE, Recovery
 from report import run_facts, write_report
 from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
@@ -324,9 +324,25 @@ model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f
 # the model's vocabulary comes from the tokenizer, padded up to a multiple of 64 for efficient matmuls
 model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
 model_args['real_vocab_size'] = meta['vocab_size']
+
+
+def refuse_what_cannot_fit(model_config):
+    """One line (in every process) before the model takes memory, where a training step needs more than the device
+    has free (plan.py's estimate): sizes asked by mistake fail now, not in the allocator minutes later."""
+    if eval_only or batch_size == 'auto':  # an evaluation needs less; 'auto' fits what there is
+        return
+    need = training_peak(model_config, batch_size, block_size=block_size, optimizer=optimizer, dtype=dtype,
+                         parallel=parallel if ddp else None, world_size=ddp_world_size,
+                         activation_checkpointing=activation_checkpointing, device=device)
+    line = refusal(need, device, f'training {model_config.n_layer} layers of {model_config.n_embd} channels on '
+                                 f'micro-batches of {batch_size:,} x {block_size:,} tokens')
+    fail_together(line and f'{line}: use a smaller --batch_size (or --batch_size=auto), --block_size or model')
+
+
 if init_from == 'scratch':
     if master_process:
         print('Initializing a new model from scratch')
+    refuse_what_cannot_fit(GPTConfig(**model_args))
     with torch.device('meta'):
         model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
@@ -367,6 +383,8 @@ else:  # fine-tuning: these weights (whole, in every process), a new optimizer, 
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)
     model_args = dataclasses.asdict(model.config)
+if init_from != 'scratch':
+    refuse_what_cannot_fit(model.config)
 model.activation_checkpointing = activation_checkpointing
 model.train()  # in every process (a sample or an evaluation switches back on its own)
 raw_model = model

@@ -262,6 +262,15 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_sizes_beyond_the_memory_are_refused_before_allocating(lab):
+    """Each HUGE_SIZES case: one line saying what it would need and what is free, in seconds, and without taking the
+    memory (the process's peak, as the kernel counted it, stays under 1 GB)."""
+    results = faults.huge_sizes(lab)
+    failed = [(name, args, message) for name, args, ok, _, _, message in results if not ok]
+    assert not failed, failed
+    assert all(seconds < 30 and peak < 1024 for _, _, _, seconds, peak, _ in results), results
+
+
 def test_bad_settings_give_one_line_and_exit_code_2(lab):
     failed = [(name, args, message) for name, args, ok, message in faults.bad_settings(lab) if not ok]
     assert not failed, failed
