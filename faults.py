@@ -9,6 +9,7 @@ with one table at the end.
 |---|---|
 | kill -9 at a random moment | the folder holds a loadable checkpoint (or none yet); resuming from it and saving once more ends with the weights of an uninterrupted run, and no temporary file is left |
 | a run that diverges (NaN) | it stops with one line; the last good checkpoint stays |
+| a run that diverges to finite garbage (AdamW, Muon, recover) | it stops with one line; the good checkpoint stays, loadable |
 | two runs in one out_dir | the second is refused with one line; once the first is killed, a third takes the folder over |
 | disk full during a save / during prepare | one line; the previous checkpoint / dataset is intact, no temporary left |
 | disk full at spread points of writing | the folder is byte for byte as before (in-process, a byte budget on the files) |
@@ -267,6 +268,43 @@ def divergence_trial(lab):
     ckpt, kept = weights(out)
     return dict(one_line=one_line_error(code, err) and 'diverged' in err, kept=ckpt['iter_num'] == 4 and same_weights(good, kept),
                 message=err.strip())
+
+
+# runs that diverge to finite garbage from a good checkpoint at iteration 4: (its optimizer, the resumed run's
+# settings). Before, the garbage (val losses of 300 to 2e11) was saved as the run's checkpoint
+GARBAGE = {
+    'AdamW, learning_rate=10': ('adamw', ['--learning_rate=10', '--min_lr=1']),
+    'Muon, learning_rate=10': ('muon', ['--muon_lr=1e4', '--learning_rate=10', '--min_lr=1']),
+    'recover, learning_rate=10': ('adamw', ['--learning_rate=10', '--min_lr=1', '--on_divergence=recover',
+                                            '--max_recoveries=1']),
+}
+
+
+def garbage_trials(lab, at_once=2):
+    """Each GARBAGE case, at_once at a time: [(name, one line saying the good checkpoint is kept?, kept and loadable?,
+    message)]. Loadable: by the repository's loader, in this process."""
+    from checkpoint import load_model
+    good = {optimizer: lab.out(f'garbage-good-{optimizer}') for optimizer, _ in GARBAGE.values()}
+    for proc in [lab.train(out, '--max_iters=4', '--eval_interval=4', f'--optimizer={optimizer}')
+                 for optimizer, out in good.items()]:  # both at once
+        code, _, err = finish(proc)
+        assert code == 0, err
+    results, names = [], list(GARBAGE)
+    for i in range(0, len(names), at_once):
+        started = []
+        for name in names[i:i + at_once]:
+            optimizer, args = GARBAGE[name]
+            out = lab.out(f'garbage-{names.index(name)}')
+            shutil.copytree(good[optimizer], out)
+            started.append((name, out, lab.train(out, '--init_from=resume', '--max_iters=12', '--eval_interval=2', *args)))
+        for name, out, proc in started:
+            code, _, err = finish(proc)
+            ckpt, kept = weights(out)
+            said = one_line_error(code, err) and 'diverged' in err and 'the checkpoint of iteration 4' in err
+            loaded = {k: v for k, v in load_model(out, which='latest')[0].state_dict().items() if k in kept}
+            results.append((name, said, ckpt['iter_num'] == 4 and same_weights(weights(good[GARBAGE[name][0]])[1], kept)
+                            and same_weights(loaded, kept), err.strip()))
+    return results
 
 
 def concurrent_trial(lab):
@@ -709,6 +747,9 @@ def main(argv):
             f"resumed {k['resumed']}, exactly {k['resumed_exactly']}; temporaries left after the next save {k['temporaries_left']}")
         d = divergence_trial(lab)
         row('NaN: a diverging run', 1, f"stopped with one line: {d['one_line']}; good checkpoint kept: {d['kept']}")
+        g = garbage_trials(lab)
+        row('divergence to finite garbage', len(g), f"stopped with one line: {sum(r[1] for r in g)}; good checkpoint "
+                                                    f"kept and loadable: {sum(r[2] for r in g)}")
         c = concurrent_trial(lab)
         row('two runs in one out_dir', 1, f"second refused: {c['refused']}; dead run's lock taken over: {c['taken_over']}")
         s = disk_full_save_trial(lab)

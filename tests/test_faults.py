@@ -75,6 +75,15 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(lab):
     assert 'the checkpoint of iteration 4' in result['message'] and '--learning_rate' in result['message']
 
 
+def test_a_run_diverging_to_finite_garbage_keeps_the_good_checkpoint(lab):
+    """A learning rate that sends the loss to hundreds or billions without a NaN: the first step that far above the
+    best val loss (divergence_factor) stops the run (with 'recover', after its recoveries), and the checkpoint of
+    iteration 4 stays the one saved, loadable."""
+    results = faults.garbage_trials(lab)
+    assert all(said and kept for _, said, kept, _ in results), results
+    assert all('x the best val loss' in message for *_, message in results), results
+
+
 def test_a_second_run_in_an_out_dir_is_refused_and_a_dead_runs_lock_taken_over(lab):
     result = faults.concurrent_trial(lab)
     assert result['refused'] and result['taken_over'], result
