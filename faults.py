@@ -12,6 +12,7 @@ with one table at the end.
 | a run that diverges to finite garbage (AdamW, Muon, recover) | it stops with one line; the good checkpoint stays, loadable |
 | two runs in one out_dir | the second is refused with one line; once the first is killed, a third takes the folder over |
 | disk full during a save / during prepare | one line; the previous checkpoint / dataset is intact, no temporary left |
+| disk full outside a save (metrics.jsonl at a resume and between saves, export_hf.py) | one line; the checkpoint untouched, no half line or partial folder left |
 | disk full at spread points of writing | the folder is byte for byte as before (in-process, a byte budget on the files) |
 | Ctrl-C or SIGTERM | a checkpoint of that iteration; resuming from it gives the uninterrupted run's weights |
 | damaged or crafted checkpoint files | one line naming the problem, at once, without a large allocation |
@@ -335,6 +336,39 @@ def disk_full_save_trial(lab):
     after = weights(out)
     return dict(one_line=one_line_error(code, err), intact=after[0]['iter_num'] == 4 and same_weights(before[1], after[1])
                 and loadable(out), temporaries_left=len(temporaries(out)), message=err.strip())
+
+
+def full_disk_outside_saves(lab):
+    """A full disk (a file-size limit) where no checkpoint is being saved: when a resumed run rewrites metrics.jsonl at
+    its start, when a run appends to it between saves, and when export_hf.py writes a Hugging Face folder (then a
+    second export, with room, must succeed). [(case, one line?, checkpoint and log as before?, nothing partial left?,
+    message)]."""
+    good = lab.out('full-outside')
+    code, _, err = finish(lab.train(good, '--max_iters=4', '--eval_interval=4'))
+    assert code == 0, err
+    before = read_all(good)
+    log_size = os.path.getsize(os.path.join(good, 'metrics.jsonl'))
+    results = []
+    for case, limit, args in (('metrics.jsonl rewritten at a resume', log_size // 2, []),
+                              ('metrics.jsonl appended between saves', log_size + 4096, ['--eval_interval=1000'])):
+        out = lab.out(f'full-outside-{len(results)}')
+        shutil.copytree(good, out)
+        code, _, err = finish(lab.train(out, '--init_from=resume', '--max_iters=200', *args,
+                                        preexec_fn=limit_file_size(limit)))
+        after = read_all(out)
+        with open(os.path.join(out, 'metrics.jsonl'), encoding='utf-8') as f:
+            whole_lines = all(line.endswith('\n') and json.loads(line) for line in f)
+        unchanged = all(after[name] == data for name, data in before.items() if name not in ('metrics.jsonl', '.lock'))
+        results.append((case, one_line_error(code, err) and 'metrics.jsonl' in err and 'iteration 4' in err, unchanged,
+                        whole_lines and not temporaries(out), err.strip()))
+    hf_dir = lab.out('full-outside-hf')
+    code, _, err = finish(script('export_hf.py', f'--out_dir={good}', f'--hf_dir={hf_dir}', '--verify=False',
+                                 preexec_fn=limit_file_size(log_size)))
+    nothing = not [name for name in os.listdir(lab.folder) if name.startswith('full-outside-hf')]
+    again, _, _ = finish(script('export_hf.py', f'--out_dir={good}', f'--hf_dir={hf_dir}', '--verify=False'))
+    results.append(('export_hf.py', one_line_error(code, err), read_all(good) == before and again == 0, nothing,
+                    err.strip()))
+    return results
 
 
 def disk_full_prepare_trial(lab):
@@ -755,6 +789,9 @@ def main(argv):
         s = disk_full_save_trial(lab)
         row('disk full during a save', 1, f"one line: {s['one_line']}; old checkpoint intact: {s['intact']}; "
                                           f"temporaries left {s['temporaries_left']}")
+        o = full_disk_outside_saves(lab)
+        row('disk full outside a save (metrics, export)', len(o), f"one line: {sum(r[1] for r in o)}; checkpoint "
+            f"untouched: {sum(r[2] for r in o)}; nothing partial: {sum(r[3] for r in o)}")
         p = disk_full_prepare_trial(lab)
         row('disk full during prepare', 1, f"one line: {p['one_line']}; old dataset intact: {p['intact']}")
         f = full_disk_sweep(folder, settings['full_disk_points'])

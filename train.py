@@ -547,7 +547,13 @@ if master_process:
 start_iter = iter_num
 sample_tokenizer = None
 # out_dir/metrics.jsonl: the curve of this run (a resumed run continues it from the checkpoint's iteration)
-metrics = MetricsLog(out_dir, iter_num if init_from == 'resume' else None) if master_process and not eval_only else None
+def kept():
+    """What a run that stops now leaves, for its last line."""
+    return f'the checkpoint of iteration {last_saved_iter} in {out_dir} is kept' if last_saved_iter else 'nothing was saved'
+
+
+metrics = MetricsLog(out_dir, iter_num if init_from == 'resume' else None,  # a full disk stops the run, in one line
+                     on_error=lambda e: fail(f'{e}; {kept()}')) if master_process and not eval_only else None
 if metrics:  # for the report page (report.py): this start's settings, machine, versions and data
     metrics.log('run', iter_num, 0.0, **run_facts(config, device, dtype, ddp_world_size, dataset=data_dir,
                 tokenizer=meta['tokenizer'], vocab_size=meta['vocab_size'], split_tokens=split_lengths,
@@ -635,9 +641,8 @@ def redraw_plot():
 
 
 def diverged(what):
-    kept = f'the checkpoint of iteration {last_saved_iter} in {out_dir} is kept' if last_saved_iter else 'nothing was saved'
     tried = f' (after {recovery.recoveries} recoveries)' if recovery.recoveries else ''
-    fail(f'training diverged at iteration {iter_num}: {what}{tried}; {kept}. Try a lower --learning_rate '
+    fail(f'training diverged at iteration {iter_num}: {what}{tried}; {kept()}. Try a lower --learning_rate '
          f'(or --muon_lr), --grad_clip=1.0, --dtype=float32 or --on_divergence=recover')
 
 

@@ -98,6 +98,13 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(lab):
 
 
 @pytest.mark.skipif(not hasattr(signal, 'SIGXFSZ'), reason='a full disk is imitated with POSIX file-size limits')
+def test_a_full_disk_outside_a_save_stops_in_one_line_and_leaves_nothing_partial(lab):
+    results = faults.full_disk_outside_saves(lab)
+    assert all(one_line and intact and clean for _, one_line, intact, clean, _ in results), results
+    assert all('File too large' in message for *_, message in results), results
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGXFSZ'), reason='a full disk is imitated with POSIX file-size limits')
 def test_a_full_disk_while_preparing_keeps_the_old_dataset(lab):
     result = faults.disk_full_prepare_trial(lab)
     assert result['one_line'] and result['intact'], result
