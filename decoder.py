@@ -29,7 +29,8 @@ def compute_dtype(weight):
     """The dtype the model computes in: autocast's where it is on (keys and values come out of the matmuls in
     it, so a cache in float32 would take twice the memory and a cast every step), else the weights'."""
     device_type = weight.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    autocasting = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)  # not on meta
+    return torch.get_autocast_dtype(device_type) if autocasting else weight.dtype
 
 
 # ---------------------------------------------------------------------------- caches
@@ -43,6 +44,11 @@ class StaticCache:
         shape = (max_rows, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+
+    @staticmethod
+    def bytes_for(config, max_rows, max_len, dtype):
+        """The bytes a cache of these sizes takes."""
+        return 2 * config.n_layer * max_rows * max_len * config.n_embd * torch.empty((), dtype=dtype).element_size()
 
     def copy_slot(self, source, target, length):
         """Slot target takes source's first length positions (a row moving down when one before it leaves)."""
