@@ -230,8 +230,10 @@ class BatchDecoder:
         self.compiled = compile is not False and compile is not None
         self.forward_step = forward_step
         if compile is True:
-            mode = 'reduce-overhead' if self.device.type == 'cuda' else None  # CUDA graphs: the step without Python
-            self.forward_step = torch.compile(forward_step, mode=mode, dynamic=False)
+            if self.device.type == 'cuda':  # CUDA graphs: the step replays without Python
+                self.forward_step = torch.compile(forward_step, mode='reduce-overhead', dynamic=False)
+            else:  # a C++ wrapper around the kernels: less Python per step (bench_sample.py: ~10% at batch 1)
+                self.forward_step = torch.compile(forward_step, dynamic=False, options={'cpp_wrapper': True})
         elif self.compiled:  # a torch.compile backend of the caller's (tests count graphs with one)
             self.forward_step = torch.compile(forward_step, backend=compile, dynamic=False)
         self.cache = StaticCache(model.config, max_rows, self.max_len, self.device, compute_dtype(weight)) \
