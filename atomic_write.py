@@ -6,6 +6,7 @@ checkpoints both write this way.
 import json
 import os
 import re
+import shutil
 
 TEMPORARY = re.compile(r'^(.+)\.tmp(\d+)$')  # NAME.tmp<pid>: what atomic_write_bytes and DatasetWriter write first
 
@@ -38,6 +39,23 @@ def atomic_write_bytes(path, write):
             os.remove(tmp)
 
 
+def atomic_write_folder(path, write):
+    """Call write(folder) on a temporary folder beside path, then rename it to path (absent, or an empty folder);
+    returns what write returned. A failed write (a full disk) removes the temporary folder: nothing partial is left
+    to block the next try."""
+    tmp = f'{os.path.normpath(path)}.tmp{os.getpid()}'
+    try:
+        os.makedirs(tmp)
+        result = write(tmp)
+        fsync_dir(tmp)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.normpath(path)))
+        return result
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8')))
 
@@ -55,13 +73,14 @@ def process_alive(pid):
 
 
 def remove_dead_temporaries(folder, ours):
-    """Remove the temporaries NAME.tmp<pid> in folder that a killed process left, for the names ours(NAME) accepts;
-    those of a live process (this one included) are its own."""
+    """Remove the temporaries NAME.tmp<pid> (files, or atomic_write_folder's folders) in folder that a killed process
+    left, for the names ours(NAME) accepts; those of a live process (this one included) are its own."""
     for name in os.listdir(folder):
         temporary = TEMPORARY.match(name)
         if temporary and ours(temporary.group(1)) and int(temporary.group(2)) != os.getpid() \
                 and not process_alive(int(temporary.group(2))):
+            path = os.path.join(folder, name)
             try:
-                os.remove(os.path.join(folder, name))
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
             except OSError:
                 pass  # a reader has it open (Windows), or it is already gone: the next save tries again

@@ -141,7 +141,10 @@ def write_dataset(folder, tokenizer, ids, **stats):
 
 
 def prepare_command(folder):
-    """The command that (re)creates the dataset in folder, for error messages."""
+    """The command that (re)creates the dataset in folder, for error messages: prepare_chat.py's for a chat dataset
+    (its loss masks tell, even where meta.json is damaged)."""
+    if any(os.path.exists(os.path.join(folder, f'{split}.mask.bin')) for split in ('train', 'val')):
+        return f'python prepare_chat.py --input=YOUR_CONVERSATIONS.jsonl --tokenizer_from=YOUR_MODEL --out_dir={folder}'
     script = os.path.join(folder, 'prepare.py')
     if os.path.exists(script):
         return f'python {script}'
@@ -265,11 +268,11 @@ def open_mask(folder, split, meta):
         return None
     path = os.path.join(folder, f'{split}.mask.bin')
     if not os.path.exists(path):
-        raise DatasetError(f'missing {path}: prepare the chat dataset again (python prepare_chat.py ...)')
+        raise DatasetError(f'missing {path}: prepare the chat dataset again (`{prepare_command(folder)}`)')
     ids = os.path.getsize(os.path.join(folder, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
     if not os.path.isfile(path) or os.path.getsize(path) != ids:
         raise DatasetError(f'{path} is damaged: it must hold one byte per token of {split}.bin ({ids:,}); prepare the '
-                           f'chat dataset again (python prepare_chat.py ...)')
+                           f'chat dataset again (`{prepare_command(folder)}`)')
     return np.memmap(path, dtype=np.uint8, mode='r')
 
 
@@ -406,6 +409,19 @@ def decode_utf8(raw, path, encoding_errors='strict', start_byte=0, start_line=1)
         raise DatasetError(f'{path} is not UTF-8: byte {start_byte + e.start} (line {line}) is '
                            f'{raw[e.start:e.start + 1]!r}; convert it, or pass --encoding_errors=replace '
                            f'to replace bad bytes') from None
+
+
+def make_dataset_folder(folder):
+    """Create folder for a dataset (the prepare scripts' out_dir), unless there; returns whether it was created.
+    DatasetError where it is a file or cannot be created (under /proc, read-only, no permission)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DatasetError(f'out_dir {folder} is a file: give a folder')
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f'cannot create out_dir {folder}: {e.strerror}; give a folder you can write to') from None
+    return created
 
 
 def write_text_dataset(out_dir, tokenizer, text, val_fraction=0.1):

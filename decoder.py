@@ -29,7 +29,8 @@ def compute_dtype(weight):
     """The dtype the model computes in: autocast's where it is on (keys and values come out of the matmuls in
     it, so a cache in float32 would take twice the memory and a cast every step), else the weights'."""
     device_type = weight.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    autocasting = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)  # not on meta
+    return torch.get_autocast_dtype(device_type) if autocasting else weight.dtype
 
 
 # ---------------------------------------------------------------------------- caches
@@ -43,6 +44,11 @@ class StaticCache:
         shape = (max_rows, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+
+    @staticmethod
+    def bytes_for(config, max_rows, max_len, dtype):
+        """The bytes a cache of these sizes takes."""
+        return 2 * config.n_layer * max_rows * max_len * config.n_embd * torch.empty((), dtype=dtype).element_size()
 
     def copy_slot(self, source, target, length):
         """Slot target takes source's first length positions (a row moving down when one before it leaves)."""
@@ -80,31 +86,36 @@ class PrefillView:
 
 class StepView:
     """The first n slots of a StaticCache as the model's cache for one new token per row, each row at its own
-    position (positions: (n,) tensor). Each row attends over the cache's first span positions, masked past its own:
-    span follows the longest row, rounded up, so a step reads the cache positions in use, not all max_len of them
-    (on a CPU, reading a full cache of 16 rows costs more than reading the weights)."""
+    position (positions: (n,) tensor). Each row attends over the cache's first span positions, masked past its own.
+    The span follows the longest row, so a step reads the cache positions in use, not all max_len of them (on a CPU,
+    reading a full cache of 16 rows costs more than reading the weights). at: the one position of every row, where
+    they all stand at one (eager only: a Python int): then plain slices and no mask, cheaper per step."""
 
-    def __init__(self, cache, positions, span):
-        self.cache, self.pos, self.span = cache, positions, span
-        self.rows = torch.arange(positions.size(0), device=positions.device)
-        self.mask = (torch.arange(span, device=positions.device) <= positions[:, None])[:, None, None, :]
+    def __init__(self, cache, positions, span, at=None):
+        self.cache, self.pos, self.span, self.at = cache, positions, span, at
+        if at is None:
+            self.rows = torch.arange(positions.size(0), device=positions.device)
+            self.mask = (torch.arange(span, device=positions.device) <= positions[:, None])[:, None, None, :]
 
     def positions(self, T):
-        return self.pos[:, None]
+        return self.pos[:1] if self.at is not None else self.pos[:, None]
 
     def attend(self, layer, q, k, v):
         n = q.size(0)
         keys, values = self.cache.k[layer], self.cache.v[layer]
+        if self.at is not None:
+            keys[:n, :, self.at], values[:n, :, self.at] = k[:, :, 0], v[:, :, 0]
+            return F.scaled_dot_product_attention(q, keys[:n, :, :self.span], values[:n, :, :self.span])
         keys[self.rows, :, self.pos] = k[:, :, 0]
         values[self.rows, :, self.pos] = v[:, :, 0]
         return F.scaled_dot_product_attention(q, keys[:n, :, :self.span], values[:n, :, :self.span],
                                               attn_mask=self.mask)
 
 
-def forward_step(model, tokens, positions, cache, span):
+def forward_step(model, tokens, positions, cache, span, at=None):
     """Logits (n, vocab) of the next token of the first n slots, given each one's newest token (n, 1) at its
     position (n,). What compile=True compiles."""
-    logits, _ = model(tokens, cache=StepView(cache, positions, span), last_only=True)
+    logits, _ = model(tokens, cache=StepView(cache, positions, span, at), last_only=True)
     return logits[:, -1, :]
 
 
@@ -224,8 +235,10 @@ class BatchDecoder:
         self.compiled = compile is not False and compile is not None
         self.forward_step = forward_step
         if compile is True:
-            mode = 'reduce-overhead' if self.device.type == 'cuda' else None  # CUDA graphs: the step without Python
-            self.forward_step = torch.compile(forward_step, mode=mode, dynamic=False)
+            if self.device.type == 'cuda':  # CUDA graphs: the step replays without Python
+                self.forward_step = torch.compile(forward_step, mode='reduce-overhead', dynamic=False)
+            else:  # a C++ wrapper around the kernels: less Python per step (bench_sample.py: ~10% at batch 1)
+                self.forward_step = torch.compile(forward_step, dynamic=False, options={'cpp_wrapper': True})
         elif self.compiled:  # a torch.compile backend of the caller's (tests count graphs with one)
             self.forward_step = torch.compile(forward_step, backend=compile, dynamic=False)
         self.cache = StaticCache(model.config, max_rows, self.max_len, self.device, compute_dtype(weight)) \
@@ -326,8 +339,12 @@ class BatchDecoder:
         if len(stepping) == len(rows):  # the usual step: every row has one new token, one forward pass for all
             tokens = torch.tensor([[row.tokens[-1]] for row in rows], dtype=torch.long, device=self.device)
             positions = torch.tensor([row.cached for row in rows], dtype=torch.long, device=self.device)
-            span = min(self.max_len, _round_up(max(row.cached for row in rows) + 1, 64))
-            out = self.forward_step(self.model, tokens, positions, self.cache, span)
+            longest = max(row.cached for row in rows) + 1
+            if self.compiled:  # a graph per span: spans rounded up to a multiple of 64 positions, a few graphs
+                span, at = min(self.max_len, _round_up(longest, 64)), None
+            else:  # eager: the positions in use exactly; no mask where all rows stand at one position
+                span, at = longest, longest - 1 if all(row.cached + 1 == longest for row in rows) else None
+            out = self.forward_step(self.model, tokens, positions, self.cache, span, at)
             for row in rows:
                 row.cached += 1
             return out

@@ -16,7 +16,9 @@ import json
 import os
 
 import torch
+from safetensors import SafetensorError
 
+from atomic_write import atomic_write_folder, remove_dead_temporaries
 from checkpoint import CheckpointError, load_model
 from configurator import configure, fail
 from hf_gpt2 import HFError, export_model, quiet_transformers
@@ -33,11 +35,17 @@ if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
     fail(f'{hf_dir} already exists and is not an empty folder: choose another --hf_dir or remove it')
 try:
     model, tokenizer, _ = load_model(out_dir)
-    notes = export_model(model.eval(), tokenizer, hf_dir, out_dir)
+    parent = os.path.dirname(os.path.abspath(hf_dir))
+    if os.path.isdir(parent):  # what an export killed midway left
+        remove_dead_temporaries(parent, lambda name: name == os.path.basename(os.path.abspath(hf_dir)))
+    # written whole beside hf_dir and renamed into place: a full disk leaves nothing that blocks the next export
+    notes = atomic_write_folder(hf_dir, lambda folder: export_model(model.eval(), tokenizer, folder, out_dir))
 except (CheckpointError, HFError) as e:
     fail(e)
 except OSError as e:
-    fail(f'cannot write {hf_dir}: {e.strerror}; pass an --hf_dir you can write to')
+    fail(f'cannot write {hf_dir}: {e.strerror}; free some space or pass an --hf_dir you can write to (nothing was written)')
+except SafetensorError as e:  # safetensors' own error for a failed write (a full disk)
+    fail(f'cannot write {hf_dir}: {e}; free some space or pass an --hf_dir you can write to (nothing was written)')
 for note in notes:
     print(f'note: {note}')
 with open(os.path.join(hf_dir, 'config.json'), encoding='utf-8') as f:

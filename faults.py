@@ -9,12 +9,15 @@ with one table at the end.
 |---|---|
 | kill -9 at a random moment | the folder holds a loadable checkpoint (or none yet); resuming from it and saving once more ends with the weights of an uninterrupted run, and no temporary file is left |
 | a run that diverges (NaN) | it stops with one line; the last good checkpoint stays |
+| a run that diverges to finite garbage (AdamW, Muon, recover) | it stops with one line; the good checkpoint stays, loadable |
 | two runs in one out_dir | the second is refused with one line; once the first is killed, a third takes the folder over |
 | disk full during a save / during prepare | one line; the previous checkpoint / dataset is intact, no temporary left |
+| disk full outside a save (metrics.jsonl at a resume and between saves, export_hf.py) | one line; the checkpoint untouched, no half line or partial folder left |
 | disk full at spread points of writing | the folder is byte for byte as before (in-process, a byte budget on the files) |
 | Ctrl-C or SIGTERM | a checkpoint of that iteration; resuming from it gives the uninterrupted run's weights |
 | damaged or crafted checkpoint files | one line naming the problem, at once, without a large allocation |
 | damaged or crafted datasets (meta.json, the .bin files, tokenizer.json) | one line naming the file and the field, at once |
+| sizes beyond the memory (batch, width, depth, samples) | one line saying what it needs and what is free, before allocating (peak under 1 GB) |
 | bad settings | one line and exit code 2, never a traceback |
 
 A full disk is imitated two ways: for whole scripts, a file-size limit (RLIMIT_FSIZE, Linux or macOS), which
@@ -35,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -53,6 +57,26 @@ def script(name, *args, **kw):
     """Start a repository script; returns the Popen (stdout and stderr as text pipes)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, name), *map(str, args)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish_measured(proc, timeout=120):
+    """finish(proc) and the peak resident memory of its process in MiB, as the kernel counted it (Linux, macOS): the
+    process is reaped here, by wait4, which returns that count."""
+    out, err = [], []
+    readers = [threading.Thread(target=lambda f, into: into.append(f.read()), args=pair)
+               for pair in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    timed_out = not timer.is_alive()
+    timer.cancel()
+    for reader in readers:
+        reader.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss / (2**20 if sys.platform == 'darwin' else 1024)
+    return ('timeout' if timed_out else proc.returncode), out[0], err[0], peak
 
 
 def finish(proc, timeout=120):
@@ -247,6 +271,43 @@ def divergence_trial(lab):
                 message=err.strip())
 
 
+# runs that diverge to finite garbage from a good checkpoint at iteration 4: (its optimizer, the resumed run's
+# settings). Before, the garbage (val losses of 300 to 2e11) was saved as the run's checkpoint
+GARBAGE = {
+    'AdamW, learning_rate=10': ('adamw', ['--learning_rate=10', '--min_lr=1']),
+    'Muon, learning_rate=10': ('muon', ['--muon_lr=1e4', '--learning_rate=10', '--min_lr=1']),
+    'recover, learning_rate=10': ('adamw', ['--learning_rate=10', '--min_lr=1', '--on_divergence=recover',
+                                            '--max_recoveries=1']),
+}
+
+
+def garbage_trials(lab, at_once=2):
+    """Each GARBAGE case, at_once at a time: [(name, one line saying the good checkpoint is kept?, kept and loadable?,
+    message)]. Loadable: by the repository's loader, in this process."""
+    from checkpoint import load_model
+    good = {optimizer: lab.out(f'garbage-good-{optimizer}') for optimizer, _ in GARBAGE.values()}
+    for proc in [lab.train(out, '--max_iters=4', '--eval_interval=4', f'--optimizer={optimizer}')
+                 for optimizer, out in good.items()]:  # both at once
+        code, _, err = finish(proc)
+        assert code == 0, err
+    results, names = [], list(GARBAGE)
+    for i in range(0, len(names), at_once):
+        started = []
+        for name in names[i:i + at_once]:
+            optimizer, args = GARBAGE[name]
+            out = lab.out(f'garbage-{names.index(name)}')
+            shutil.copytree(good[optimizer], out)
+            started.append((name, out, lab.train(out, '--init_from=resume', '--max_iters=12', '--eval_interval=2', *args)))
+        for name, out, proc in started:
+            code, _, err = finish(proc)
+            ckpt, kept = weights(out)
+            said = one_line_error(code, err) and 'diverged' in err and 'the checkpoint of iteration 4' in err
+            loaded = {k: v for k, v in load_model(out, which='latest')[0].state_dict().items() if k in kept}
+            results.append((name, said, ckpt['iter_num'] == 4 and same_weights(weights(good[GARBAGE[name][0]])[1], kept)
+                            and same_weights(loaded, kept), err.strip()))
+    return results
+
+
 def concurrent_trial(lab):
     """Run A trains; run B on the same out_dir; A is killed; run C on it."""
     out = lab.out('shared')
@@ -275,6 +336,39 @@ def disk_full_save_trial(lab):
     after = weights(out)
     return dict(one_line=one_line_error(code, err), intact=after[0]['iter_num'] == 4 and same_weights(before[1], after[1])
                 and loadable(out), temporaries_left=len(temporaries(out)), message=err.strip())
+
+
+def full_disk_outside_saves(lab):
+    """A full disk (a file-size limit) where no checkpoint is being saved: when a resumed run rewrites metrics.jsonl at
+    its start, when a run appends to it between saves, and when export_hf.py writes a Hugging Face folder (then a
+    second export, with room, must succeed). [(case, one line?, checkpoint and log as before?, nothing partial left?,
+    message)]."""
+    good = lab.out('full-outside')
+    code, _, err = finish(lab.train(good, '--max_iters=4', '--eval_interval=4'))
+    assert code == 0, err
+    before = read_all(good)
+    log_size = os.path.getsize(os.path.join(good, 'metrics.jsonl'))
+    results = []
+    for case, limit, args in (('metrics.jsonl rewritten at a resume', log_size // 2, []),
+                              ('metrics.jsonl appended between saves', log_size + 4096, ['--eval_interval=1000'])):
+        out = lab.out(f'full-outside-{len(results)}')
+        shutil.copytree(good, out)
+        code, _, err = finish(lab.train(out, '--init_from=resume', '--max_iters=200', *args,
+                                        preexec_fn=limit_file_size(limit)))
+        after = read_all(out)
+        with open(os.path.join(out, 'metrics.jsonl'), encoding='utf-8') as f:
+            whole_lines = all(line.endswith('\n') and json.loads(line) for line in f)
+        unchanged = all(after[name] == data for name, data in before.items() if name not in ('metrics.jsonl', '.lock'))
+        results.append((case, one_line_error(code, err) and 'metrics.jsonl' in err and 'iteration 4' in err, unchanged,
+                        whole_lines and not temporaries(out), err.strip()))
+    hf_dir = lab.out('full-outside-hf')
+    code, _, err = finish(script('export_hf.py', f'--out_dir={good}', f'--hf_dir={hf_dir}', '--verify=False',
+                                 preexec_fn=limit_file_size(log_size)))
+    nothing = not [name for name in os.listdir(lab.folder) if name.startswith('full-outside-hf')]
+    again, _, _ = finish(script('export_hf.py', f'--out_dir={good}', f'--hf_dir={hf_dir}', '--verify=False'))
+    results.append(('export_hf.py', one_line_error(code, err), read_all(good) == before and again == 0, nothing,
+                    err.strip()))
+    return results
 
 
 def disk_full_prepare_trial(lab):
@@ -619,6 +713,36 @@ BAD_SETTINGS = [
 ]
 
 
+# sizes that ask for more memory than the machine has: (script, arguments, a fragment of the message). Refused from
+# plan.py's estimate before anything is allocated; they used to end in the allocator's traceback, after seconds
+# and gigabytes, or (200,000 layers) build the model for minutes
+HUGE_SIZES = [
+    ('train.py', ['--batch_size=1000000000'], 'micro-batches of 1,000,000,000 x 32 tokens needs about'),
+    ('train.py', ['--n_embd=1048576'], '2 layers of 1048576 channels'),
+    ('train.py', ['--n_layer=200000'], '200000 layers of 32 channels'),
+    ('sample.py', ['--num_samples=10000000'], 'sampling 10,000,000 rows'),
+    ('sample.py', ['--num_beams=10000000', '--num_samples=1'], 'sampling 10,000,000 beams'),
+]
+
+
+def huge_sizes(lab, at_once=2):
+    """Every HUGE_SIZES line through its script (sample.py on a checkpoint of the lab's), at_once at a time:
+    [(script, args, one clean line saying what it needs and what is free?, seconds, peak MiB, message)]."""
+    lab.reference(2, 2)
+    results = []
+    for i in range(0, len(HUGE_SIZES), at_once):
+        started = []
+        for j, (name, args, fragment) in enumerate(HUGE_SIZES[i:i + at_once], start=i):
+            where = ([f'--dataset={lab.data}', f'--out_dir={lab.out(f"huge-{j}")}', *TRAIN] if name == 'train.py' else
+                     [f'--out_dir={lab.out("reference-2-2")}', '--device=cpu', '--max_new_tokens=5'])
+            started.append((name, args, fragment, time.time(), script(name, *where, *args)))
+        for name, args, fragment, t0, proc in started:
+            code, _, err, peak = finish_measured(proc, timeout=60)
+            ok = one_line_error(code, err) and fragment in err and 'GiB free' in err
+            results.append((name, args, ok, time.time() - t0, peak, err.strip()))
+    return results
+
+
 def bad_settings(lab, at_once=2):
     """Every BAD_SETTINGS line through its script, at_once at a time (most of their time is start-up):
     [(script, args, one clean line with the fragment?, message)]."""
@@ -657,11 +781,17 @@ def main(argv):
             f"resumed {k['resumed']}, exactly {k['resumed_exactly']}; temporaries left after the next save {k['temporaries_left']}")
         d = divergence_trial(lab)
         row('NaN: a diverging run', 1, f"stopped with one line: {d['one_line']}; good checkpoint kept: {d['kept']}")
+        g = garbage_trials(lab)
+        row('divergence to finite garbage', len(g), f"stopped with one line: {sum(r[1] for r in g)}; good checkpoint "
+                                                    f"kept and loadable: {sum(r[2] for r in g)}")
         c = concurrent_trial(lab)
         row('two runs in one out_dir', 1, f"second refused: {c['refused']}; dead run's lock taken over: {c['taken_over']}")
         s = disk_full_save_trial(lab)
         row('disk full during a save', 1, f"one line: {s['one_line']}; old checkpoint intact: {s['intact']}; "
                                           f"temporaries left {s['temporaries_left']}")
+        o = full_disk_outside_saves(lab)
+        row('disk full outside a save (metrics, export)', len(o), f"one line: {sum(r[1] for r in o)}; checkpoint "
+            f"untouched: {sum(r[2] for r in o)}; nothing partial: {sum(r[3] for r in o)}")
         p = disk_full_prepare_trial(lab)
         row('disk full during prepare', 1, f"one line: {p['one_line']}; old dataset intact: {p['intact']}")
         f = full_disk_sweep(folder, settings['full_disk_points'])
@@ -676,6 +806,9 @@ def main(argv):
         datasets = damaged_datasets(lab)
         row('damaged or crafted datasets', len(datasets),
             f"one clean line {sum(r[1] for r in datasets)}; slowest {max(r[2] for r in datasets):.1f} s")
+        huge = huge_sizes(lab)
+        row('sizes beyond the memory', len(huge), f"one clean line {sum(r[2] for r in huge)}; slowest "
+            f"{max(r[3] for r in huge):.1f} s; largest peak {max(r[4] for r in huge):,.0f} MiB")
         swept = bad_settings(lab)
         row('bad settings', len(swept), f"one clean line, exit 2: {sum(r[2] for r in swept)}")
     width = max(len(r[0]) for r in rows)
@@ -688,6 +821,9 @@ def main(argv):
     for name, ok, _, message in datasets:
         if not ok:
             print(f'damaged dataset {name!r}: {message[-300:]}')
+    for name, args, ok, _, _, message in huge:
+        if not ok:
+            print(f"{name} {' '.join(args)}: {message[-300:]}")
     for name, args, ok, message in swept:
         if not ok:
             print(f"{name} {' '.join(args)}: {message[-300:]}")

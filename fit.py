@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dataset import count_targets
+from runtime import free_memory
 
 HEADROOM = 0.85  # the share of the free memory the fit may use: evaluation, samples and fragmentation need the rest
 
@@ -46,19 +47,12 @@ def optimizer_state_bytes(optimizer):
     return total
 
 
-def available_bytes(device, local_processes=1):
-    """Memory this process may still take: on CUDA the GPU's free memory, on MPS what Metal recommends less what
-    it holds, on a CPU the machine's available memory shared among this node's processes."""
-    if device.startswith('cuda'):
-        return torch.cuda.mem_get_info(device)[0]
-    if device.startswith('mps'):
-        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-    try:
-        with open('/proc/meminfo') as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
-    except (OSError, StopIteration, ValueError):
-        raise FitError(_NO_PROC) from None
-    return available // local_processes
+def available_bytes(device):
+    """Memory this process may still take (runtime.free_memory); FitError where it cannot be known."""
+    free = free_memory(device)
+    if free is None:
+        raise FitError(_NO_PROC)
+    return free
 
 
 def used_bytes(device):
@@ -96,10 +90,10 @@ def peak_bytes(device):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
 
 
-def budget_bytes(device, memory_limit_gib, optimizer, local_processes=1):
+def budget_bytes(device, memory_limit_gib, optimizer):
     """The bytes one micro-batch's forward and backward may take: the device's free memory (or what remains of
     memory_limit_gib, when given, under it), less headroom, less the optimizer state still to be allocated."""
-    free = available_bytes(device, local_processes)
+    free = available_bytes(device)
     if memory_limit_gib:
         free = min(free, int(memory_limit_gib * 2**30) - used_bytes(device))
     return int(HEADROOM * free) - optimizer_state_bytes(optimizer)
@@ -240,11 +234,10 @@ def auto_micro_batch(model, optimizer, ctx, device, block_size, step_rows, memor
     process, and a line for the log. Every process fits its own device; all take the smallest fit. model: the
     unwrapped model, under FSDP sharded (its passes then run in every process together, extrapolated). Raises
     FitError, the same in every process."""
-    local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if not device.startswith(('cuda', 'mps')) else 1
     bisect = device.startswith('cuda') and not sharded
     error = None
     try:
-        budget = budget_bytes(device, memory_limit_gib, optimizer, local_processes)
+        budget = budget_bytes(device, memory_limit_gib, optimizer)
         rows = fit_micro_batch(model, ctx, device, block_size, step_rows, budget, bisect)
     except FitError as e:
         rows, error = 0, str(e)

@@ -88,34 +88,59 @@ def _json_numbers(value):
     return value
 
 
+class MetricsError(Exception):
+    """metrics.jsonl or evals.jsonl cannot be written (a full disk): the message says which, in a line."""
+
+
+def _raise(message):
+    raise MetricsError(message)
+
+
 class MetricsLog:
     """Appends records to out_dir/metrics.jsonl. resume_iter: the iteration a resumed run starts from (None for a new
-    run, whose log starts empty): records past it are dropped and the wall time goes on from the last one kept."""
+    run, whose log starts empty): records past it are dropped and the wall time goes on from the last one kept.
+    on_error(message): called where the log cannot be written (a full disk), once nothing partial is left in it
+    (train.py stops the run with that line); by default MetricsError is raised."""
 
-    def __init__(self, out_dir, resume_iter=None):
-        self.path = os.path.join(out_dir, METRICS_NAME)
+    def __init__(self, out_dir, resume_iter=None, on_error=_raise):
+        self.path, self.on_error = os.path.join(out_dir, METRICS_NAME), on_error
         remove_dead_temporaries(out_dir, lambda name: name == METRICS_NAME)  # a killed run's rewrite of the log
         kept = [r for r in read_metrics(out_dir, KINDS) if r['iter'] <= resume_iter] if resume_iter is not None else []
-        text = ''.join(json.dumps(r) + '\n' for r in kept).encode('utf-8')
-        atomic_write_bytes(self.path, lambda f: f.write(text))
+        self._rewrite(self.path, kept)
         evals_path = os.path.join(out_dir, EVALS_NAME)
         if os.path.exists(evals_path):  # measurements of checkpoints that the new run will write again, or never
-            evals = [r for r in read_evals(out_dir) if resume_iter is not None and r['iter'] <= resume_iter]
-            evals_text = ''.join(json.dumps(r) + '\n' for r in evals).encode('utf-8')
-            atomic_write_bytes(evals_path, lambda f: f.write(evals_text))
+            self._rewrite(evals_path, [r for r in read_evals(out_dir) if resume_iter is not None and r['iter'] <= resume_iter])
         self.time_offset = max((r['time'] for r in kept if isinstance(r.get('time'), (int, float))), default=0.0)
+
+    def _rewrite(self, path, records):
+        text = ''.join(json.dumps(r) + '\n' for r in records).encode('utf-8')
+        try:
+            atomic_write_bytes(path, lambda f: f.write(text))  # the old file stays whole where this fails
+        except OSError as e:
+            self.on_error(f'cannot write {path}: {e.strerror}')
 
     def rewind(self, iter_num):
         """Drop the records past iter_num: the steps a recovery from divergence undid (the wall time goes on)."""
-        kept = [r for r in read_metrics(os.path.dirname(self.path), KINDS) if r['iter'] <= iter_num]
-        text = ''.join(json.dumps(r) + '\n' for r in kept).encode('utf-8')
-        atomic_write_bytes(self.path, lambda f: f.write(text))
+        self._rewrite(self.path, [r for r in read_metrics(os.path.dirname(self.path), KINDS) if r['iter'] <= iter_num])
 
     def log(self, kind, iter_num, elapsed, **values):
-        """One record: its kind (KINDS), the iteration, this process's elapsed seconds, and the figures."""
+        """One record: its kind (KINDS), the iteration, this process's elapsed seconds, and the figures. Appended in
+        one write; one that fails midway (a full disk) is cut off again, so no half line is left."""
         record = dict(kind=kind, iter=iter_num, time=round(self.time_offset + elapsed, 3), **values)
-        with open(self.path, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(record) + '\n')
+        data = (json.dumps(record) + '\n').encode('utf-8')
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            return self.on_error(f'cannot write {self.path}: {e.strerror}')
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            os.ftruncate(fd, start)
+            self.on_error(f'cannot write {self.path}: {e.strerror}')
+        finally:
+            os.close(fd)
 
 
 def _numbers(record, *keys):

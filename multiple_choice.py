@@ -76,11 +76,16 @@ def read_jsonl(path):
         raise TaskError(f'task file {path} not found: pass a JSONL file (one {{"context", "choices", "label"}} '
                         f'object per line) or one of {", ".join(NAMED_TASKS)}')
     items = []
-    with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, 1):
+    with open(path, 'rb') as f:
+        for number, raw in enumerate(f, 1):
+            where = f'{path} line {number}'
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise TaskError(f'{where} is not UTF-8 (byte {e.start} of the line is {raw[e.start:e.start + 1]!r}): '
+                                f'convert the file to UTF-8') from None
             if not line.strip():
                 continue
-            where = f'{path} line {number}'
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -16,10 +16,13 @@ a run saved under DDP resumes under FSDP, and back.
 Every process must take the same decisions (stop, save, give up) at the same step, or the others wait forever in
 the next collective: the small agreements below run on a CPU (gloo) group, so they never wait for a GPU.
 """
+import ctypes
 import inspect
 import os
 import secrets
+import signal
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -36,6 +39,14 @@ PARALLEL = ('ddp', 'fsdp')
 SHARED_PROBE = '.shared-folder-probe'
 
 
+def end_with_agent():
+    """Linux: this process gets a SIGTERM when its parent, torchrun's agent, dies. A kill -9 of the agent skips its
+    shutdown of the workers, which would train on under PID 1 holding out_dir's lock; with the signal they save and
+    stop as on any SIGTERM (train.py), every process at the same step, and the lock ends with them."""
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 class Processes:
     """This process's place among torchrun's (RANK, LOCAL_RANK and WORLD_SIZE from its environment), or a
     single process when torchrun did not start it. Files are written and the log printed by the master (global
@@ -48,6 +59,8 @@ class Processes:
         self.world_size = int(environ.get('WORLD_SIZE', 1))
         self.master = self.rank == 0
         self.cpu_group = None  # for the agreements: gloo, whatever the backend of the training collectives
+        if self.distributed:
+            end_with_agent()
 
     def join(self, backend, timeout_s):
         """Join the process group (torchrun's rendezvous), with collectives that wait up to timeout_s seconds for

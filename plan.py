@@ -23,9 +23,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from decoder import BatchDecoder, StaticCache
 from model import GPT, GPTConfig
 from muon import configure_optimizers
-from runtime import DTYPES
+from runtime import DTYPES, free_memory
 
 MiB = 2**20
 
@@ -179,6 +180,51 @@ def estimate_memory(model_config, batch_size, block_size=None, optimizer='adamw'
     parts['peak'] = (baseline + during_step + parts['ddp buckets'] + parts['fsdp gathered']
                      + parts['autocast copies'])
     return parts
+
+
+def training_peak(model_config, batch_size, **settings):
+    """estimate_memory's peak for a model of any depth in constant time: the blocks are alike, so every part grows
+    by the same bytes per block, and a deep model's is extrapolated from a one- and a two-block model's (simulating
+    200,000 blocks would take minutes). settings: estimate_memory's."""
+    depth = model_config.n_layer
+    if depth <= 2:
+        return estimate_memory(model_config, batch_size, **settings)['peak']
+    one, two = (estimate_memory(GPTConfig(**{**vars(model_config), 'n_layer': n}), batch_size, **settings)['peak']
+                for n in (1, 2))
+    return one + (depth - 1) * (two - one)
+
+
+def decoding_peak(model_config, rows, prompt_tokens, max_new_tokens, use_cache=True, dtype='float32'):
+    """The bytes sampling rows completions of a prompt of prompt_tokens tokens takes besides the weights: the KV cache
+    of all rows (decoder.StaticCache, allocated at once), the first forward pass over the prompt of one row (each row's
+    prompt runs alone; its activations on the meta device as in estimate_memory) and the rows' logits of a step.
+    dtype: autocast's (the cache and activations are in it)."""
+    with torch.device('meta'):
+        model = GPT(model_config)
+    if dtype != 'float32':
+        model.to(DTYPES[dtype])
+    model.eval()
+    tracker = LiveStorages()
+    for p in model.parameters():
+        tracker.add(p, 'weights')
+    max_len = min(model_config.block_size, prompt_tokens + max_new_tokens)
+    with tracker:
+        decoder = BatchDecoder(model, 1, max_len=max_len, use_cache=use_cache)
+        decoder.add([0] * prompt_tokens, max_new_tokens, temperature=0)
+        decoder.next_logits()
+    prompt_pass = max(point.get('other', 0) for point in tracker.timeline)
+    cache = StaticCache.bytes_for(model_config, rows - 1, max_len, DTYPES[dtype]) if use_cache else 0
+    logits = 2 * rows * model_config.vocab_size * 4  # the float32 logits of a step and their copy
+    return prompt_pass + cache + logits
+
+
+def refusal(need, device, what):
+    """A line refusing what (a run, a request), which needs need bytes more than device has free, or None where it
+    fits or the free memory cannot be known."""
+    free = free_memory(device)
+    if free is None or need <= free:
+        return None
+    return f'{what} needs about {need / 2**30:,.1f} GiB of memory and {device} has {free / 2**30:,.1f} GiB free'
 
 
 def resident_bytes():

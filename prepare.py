@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from cleaning import CLEANING_OPTIONS, clean
 from configurator import configure, fail
-from dataset import DatasetError, DatasetWriter, decode_utf8, input_files, token_dtype, unicode_form
+from dataset import DatasetError, DatasetWriter, decode_utf8, input_files, make_dataset_folder, token_dtype, unicode_form
 from tokenizer import TokenizerError, load_tokenizer, make_tokenizer
 from topics import TopicsError, cap_per_topic, read_labels
 
@@ -426,7 +426,7 @@ def prepare(argv):
     check_settings()
     t0 = time.time()
     output = out_dir or default_out_dir()
-    if os.path.exists(output) and not os.path.isdir(output):
+    if os.path.exists(output) and not os.path.isdir(output):  # at once, before any work (make_dataset_folder says it later too)
         fail(f'out_dir {output} is a file: give a folder')
     options = dict(clean_wiki=clean_wiki, unescape_html=unescape_html, normalize=unicode_form(normalize),
                    normalize_whitespace=normalize_whitespace, min_chars=min_chars, max_chars=max_chars)
@@ -475,8 +475,10 @@ def prepare(argv):
     split_fraction = val_fraction or auto_val_fraction(total if bar_unit == 'B' else None)
     print(f'preparing {source} -> {output} (up to {workers} worker process{"es" * (workers > 1)})'
           + ('' if val_fraction else f'; val_fraction {split_fraction} (auto)'))
-    created = not os.path.isdir(output)
-    os.makedirs(output, exist_ok=True)
+    try:
+        created = make_dataset_folder(output)
+    except DatasetError as e:
+        fail(e)
     done = False
     try:
         # 1. train the tokenizer on the train documents (char: on all, so val has no unknown characters)

@@ -24,7 +24,7 @@ import numpy as np
 
 from checkpoint import CheckpointError, is_hf_source, read_checkpoint
 from configurator import configure, fail
-from dataset import META_NAME, DatasetError, DatasetWriter, load_meta, normalize_unicode, unicode_form
+from dataset import META_NAME, DatasetError, DatasetWriter, load_meta, make_dataset_folder, normalize_unicode, unicode_form
 from hf_gpt2 import tokenizer_of
 from tokenizer import TokenizerError, UnknownCharactersError, load_tokenizer, with_chat_template
 
@@ -54,8 +54,13 @@ def base_tokenizer(source):
 
 def conversations(path, form):
     """(line number, messages) of each conversation in the JSONL file; DatasetError on a line that is not one."""
-    with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, 1):
+    with open(path, 'rb') as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise DatasetError(f'{path} line {number} is not UTF-8 (byte {e.start} of the line is '
+                                   f'{raw[e.start:e.start + 1]!r}): convert the file to UTF-8') from None
             if not line.strip():
                 continue
             try:
@@ -89,8 +94,10 @@ def main(argv=None):
         fail(e)
     t0 = time.time()
     output = out_dir or os.path.join('data', os.path.splitext(os.path.basename(input))[0])
-    created = not os.path.isdir(output)
-    os.makedirs(output, exist_ok=True)
+    try:
+        created = make_dataset_folder(output)
+    except DatasetError as e:
+        fail(e)
     count = {'train': 0, 'val': 0}
     assistant = {'train': 0, 'val': 0}
     skipped = 0  # conversations without an assistant message: nothing to learn from them

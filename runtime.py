@@ -1,6 +1,7 @@
 """
 Where and in what precision the scripts run: one rule for train.py, sample.py, eval.py and the benchmarks.
 """
+import os
 import sys
 from contextlib import nullcontext
 
@@ -103,6 +104,22 @@ def peak_flops(device, dtype):
     name = torch.cuda.get_device_name(device)
     half, single = next((flops for key, flops in PEAK_FLOPS.items() if key in name), (None, None))
     return half if dtype in ('bfloat16', 'float16') else single
+
+
+def free_memory(device):
+    """Memory this process may still take, in bytes: on CUDA the GPU's free memory, on MPS what Metal recommends less
+    what it holds, on a CPU the machine's available memory shared among this node's processes (torchrun's
+    LOCAL_WORLD_SIZE); None where it cannot be known (a CPU without Linux's /proc)."""
+    if device.startswith('cuda'):
+        return torch.cuda.mem_get_info(device)[0]
+    if device.startswith('mps'):
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        with open('/proc/meminfo') as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return available // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
 
 
 def peak_memory_mib(device):

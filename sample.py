@@ -25,6 +25,7 @@ from dataset import DatasetError, decode_utf8, normalize_unicode, unicode_form
 from decoder import BatchDecoder, check_controls
 from generate import generate_text, use_decoding_layout
 from hf_gpt2 import HFError
+from plan import decoding_peak, refusal
 from runtime import autocast, resolve_device, resolve_dtype
 from tokenizer import ChatTokenizer, TokenizerError, UnknownCharactersError, load_tokenizer
 
@@ -141,8 +142,19 @@ def encode_prompt(text):
     return ids
 
 
+def refuse_what_cannot_fit(ids):
+    """One line, before anything is allocated for them, where the samples asked need more memory than is free
+    (plan.py's estimate: the KV cache and the logits grow with num_samples)."""
+    rows = num_beams if num_beams > 1 else num_samples
+    need = decoding_peak(model.config, rows, min(len(ids), block_size), max_new_tokens, use_cache, dtype)
+    line = refusal(need, device, f'sampling {rows:,} {"beams" if num_beams > 1 else "rows"} of {max_new_tokens:,} tokens')
+    if line:
+        fail(f'{line}: ask for fewer --num_samples (or --num_beams) or --max_new_tokens')
+
+
 def run(prompt_text):
     ids = encode_prompt(prompt_text)
+    refuse_what_cannot_fit(ids)
     shown = tokenizer.decode(ids) if ids != [tokenizer.eot_id] else ''
 
     def stream(row, text):

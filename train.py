@@ -40,8 +40,8 @@ from hf_gpt2 import GPT2_NAMES, HFError
 from model import ACTIVATIONS, GPT, NORMS, POSITIONS, GPTConfig
 from muon import configure_optimizers
 from parallel import PARALLEL, Processes, assign, full_tensor, gatherer, grad_scaler, replicate, shard
-from plan import show_plan
-from recovery import ON_DIVERGENCE, Recovery
+from plan import refusal, show_plan, training_peak
+from recovery import NO_BEST, ON_DIVERGENCE, Recovery
 from report import run_facts, write_report
 from runtime import MemoryPhases, autocast, batch_to_device, mfu, peak_flops, resolve_device, resolve_dtype
 from tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, tokenizer_name, tokenizers_match
@@ -113,8 +113,9 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 seed = 1337
 threads = 0  # CPU threads for torch, 0 leaves torch's default
 memory_limit = 0.0  # GiB of memory per process batch_size='auto' may fill (0: what the device has free)
-# divergence: a non-finite loss or gradient norm, or (with 'recover') a loss spike (recovery.py)
+# divergence: a non-finite loss or gradient norm, a loss far above the best val loss, or (with 'recover') a loss spike (recovery.py)
 on_divergence = 'stop'  # 'stop' (the last good checkpoint stays), or 'recover': back to it, on other batches, at a lower learning rate
+divergence_factor = 10.0  # a step's loss or an evaluation's val loss above this multiple of the best val loss is a divergence, never saved (0: never)
 spike_factor = 4.0  # with 'recover': a step's loss above this multiple of the median of the last spike_window steps' is a spike (0: never)
 spike_window = 50
 max_recoveries = 3  # with 'recover': the divergence after this many recoveries stops the run
@@ -199,7 +200,7 @@ def check_settings():
             fail(f'{key}={config[key]} must be at least 1')
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay',
                 'grad_clip', 'target_val_loss', 'threads', 'save_interval', 'sample_interval', 'patience',
-                'max_overfit_gap', 'memory_limit', 'spike_factor', 'max_recoveries', 'seed'):
+                'max_overfit_gap', 'memory_limit', 'spike_factor', 'max_recoveries', 'seed', 'divergence_factor'):
         if config[key] < 0:
             fail(f'{key}={config[key]} must not be negative')
     if not 0 < config['recovery_lr_scale'] <= 1:
@@ -319,14 +320,30 @@ def draw_windows(split, rng):
 # model init. A new model and a resumed one are built on the meta device (shapes, no memory) and get storage
 # below, where they are placed: under FSDP each process then holds its own shards alone, never the whole model
 iter_num = 0
-best_val_loss = 1e9
+best_val_loss = NO_BEST
 model_args = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
 # the model's vocabulary comes from the tokenizer, padded up to a multiple of 64 for efficient matmuls
 model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
 model_args['real_vocab_size'] = meta['vocab_size']
+
+
+def refuse_what_cannot_fit(model_config):
+    """One line (in every process) before the model takes memory, where a training step needs more than the device
+    has free (plan.py's estimate): sizes asked by mistake fail now, not in the allocator minutes later."""
+    if eval_only or batch_size == 'auto':  # an evaluation needs less; 'auto' fits what there is
+        return
+    need = training_peak(model_config, batch_size, block_size=block_size, optimizer=optimizer, dtype=dtype,
+                         parallel=parallel if ddp else None, world_size=ddp_world_size,
+                         activation_checkpointing=activation_checkpointing, device=device)
+    line = refusal(need, device, f'training {model_config.n_layer} layers of {model_config.n_embd} channels on '
+                                 f'micro-batches of {batch_size:,} x {block_size:,} tokens')
+    fail_together(line and f'{line}: use a smaller --batch_size (or --batch_size=auto), --block_size or model')
+
+
 if init_from == 'scratch':
     if master_process:
         print('Initializing a new model from scratch')
+    refuse_what_cannot_fit(GPTConfig(**model_args))
     with torch.device('meta'):
         model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
@@ -367,6 +384,8 @@ else:  # fine-tuning: these weights (whole, in every process), a new optimizer, 
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)
     model_args = dataclasses.asdict(model.config)
+if init_from != 'scratch':
+    refuse_what_cannot_fit(model.config)
 model.activation_checkpointing = activation_checkpointing
 model.train()  # in every process (a sample or an evaluation switches back on its own)
 raw_model = model
@@ -513,7 +532,7 @@ last_saved_iter = iter_num if init_from == 'resume' else None
 best_saved_iter = None
 evals_since_best = resumed['training_state'].get('evals_since_best', 0) if resumed else 0  # for patience
 recovery = Recovery(on_divergence, spike_factor, spike_window, max_recoveries, recovery_lr_scale, raw_model,
-                    resumed['training_state'] if resumed else None)
+                    resumed['training_state'] if resumed else None, divergence_factor)
 
 
 # logging
@@ -528,7 +547,13 @@ if master_process:
 start_iter = iter_num
 sample_tokenizer = None
 # out_dir/metrics.jsonl: the curve of this run (a resumed run continues it from the checkpoint's iteration)
-metrics = MetricsLog(out_dir, iter_num if init_from == 'resume' else None) if master_process and not eval_only else None
+def kept():
+    """What a run that stops now leaves, for its last line."""
+    return f'the checkpoint of iteration {last_saved_iter} in {out_dir} is kept' if last_saved_iter else 'nothing was saved'
+
+
+metrics = MetricsLog(out_dir, iter_num if init_from == 'resume' else None,  # a full disk stops the run, in one line
+                     on_error=lambda e: fail(f'{e}; {kept()}')) if master_process and not eval_only else None
 if metrics:  # for the report page (report.py): this start's settings, machine, versions and data
     metrics.log('run', iter_num, 0.0, **run_facts(config, device, dtype, ddp_world_size, dataset=data_dir,
                 tokenizer=meta['tokenizer'], vocab_size=meta['vocab_size'], split_tokens=split_lengths,
@@ -616,9 +641,8 @@ def redraw_plot():
 
 
 def diverged(what):
-    kept = f'the checkpoint of iteration {last_saved_iter} in {out_dir} is kept' if last_saved_iter else 'nothing was saved'
     tried = f' (after {recovery.recoveries} recoveries)' if recovery.recoveries else ''
-    fail(f'training diverged at iteration {iter_num}: {what}{tried}; {kept}. Try a lower --learning_rate '
+    fail(f'training diverged at iteration {iter_num}: {what}{tried}; {kept()}. Try a lower --learning_rate '
          f'(or --muon_lr), --grad_clip=1.0, --dtype=float32 or --on_divergence=recover')
 
 
@@ -722,6 +746,12 @@ while True:
         say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged('the evaluated loss is not finite')
+        trouble = not eval_only and recovery.check_evaluation(losses['val'], best_val_loss)  # finite garbage is no checkpoint either
+        if trouble and not recovery.can_go_back():
+            diverged(trouble)
+        if trouble:
+            recover(trouble)
+            continue
         if wandb_log and master_process:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr_factor * recovery.lr_scale * learning_rate, 'mfu': running_mfu * 100})
         if metrics:
@@ -812,7 +842,7 @@ while True:
                         grad_norm=grad_norm.item(), tokens_per_sec=round(tokens_per_sec),
                         mfu=running_mfu if running_mfu > 0 else None)
 
-    trouble = recovery.check(loss_sum / ddp_world_size, finite=not unhealthy)
+    trouble = recovery.check(loss_sum / ddp_world_size, finite=not unhealthy, best=best_val_loss)
     if trouble and not recovery.can_go_back():
         diverged(trouble)
     if trouble:

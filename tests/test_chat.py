@@ -385,3 +385,24 @@ def test_a_step_s_loss_is_the_mean_over_all_its_reply_tokens(base, chats, tmp_pa
         # float32 sums in other orders (micro-batches, processes): a few ulps of the norm
         assert grad_norm == pytest.approx(norms[0], rel=1e-5), (name, grad_norm, norms)
         assert abs(norms[1] - norms[0]) > 1e-3 * norms[0], (name, norms)  # the check can tell the two apart
+
+
+@pytest.mark.parametrize('case, message', [
+    ('input not UTF-8', "bad.jsonl line 2 is not UTF-8 (byte 89 of the line is b'\\xe1')"),
+    ('out_dir a file', 'is a file: give a folder'),
+    ('out_dir under /proc', 'cannot create out_dir /proc/version/chats: Not a directory'),
+])
+def test_prepare_chat_refuses_bad_files_and_folders_in_one_line(base, tmp_path, capsys, case, message):
+    """Each a traceback before (UnicodeDecodeError, FileExistsError, NotADirectoryError)."""
+    good = '{"messages": [{"role": "user", "content": "Romeo?"}, {"role": "assistant", "content": "Here."}]}\n'
+    (tmp_path / 'bad.jsonl').write_bytes((good + good.replace('Here.', 'ol\u00e1')).encode('latin-1'))
+    (tmp_path / 'good.jsonl').write_text(good * 20)
+    (tmp_path / 'a_file').write_text('mine')
+    args = {'input not UTF-8': [f'--input={tmp_path / "bad.jsonl"}', f'--out_dir={tmp_path / "out"}'],
+            'out_dir a file': [f'--input={tmp_path / "good.jsonl"}', f'--out_dir={tmp_path / "a_file"}'],
+            'out_dir under /proc': [f'--input={tmp_path / "good.jsonl"}', '--out_dir=/proc/version/chats']}[case]
+    with pytest.raises(SystemExit) as exit:
+        prepare_chat.main([*args, f'--tokenizer_from={base}'])
+    error = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and error.count('\n') == 0 and message in error, error
+    assert not (tmp_path / 'out').exists() and (tmp_path / 'a_file').read_text() == 'mine'

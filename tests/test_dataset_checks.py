@@ -110,6 +110,16 @@ def test_a_chat_dataset_whose_masks_do_not_fit_its_ids_is_refused(datasets, tmp_
         check(folder)
 
 
+@pytest.mark.parametrize('name', ['meta.json not JSON', 'no vocab_size', 'train.bin empty', 'train.mask.bin shorter than train.bin'])
+def test_a_damaged_chat_dataset_names_prepare_chat_py_to_make_it_again(datasets, tmp_path, name):
+    """prepare.py cannot make a chat dataset: the hint names the script that can (it named prepare.py)."""
+    folder = damaged(datasets, 'chat', {**faults.DATASET_DAMAGE, **faults.CHAT_DATASET_DAMAGE}[name], tmp_path)
+    with pytest.raises(DatasetError) as error:
+        check(folder)
+    assert f'python prepare_chat.py --input=YOUR_CONVERSATIONS.jsonl --tokenizer_from=YOUR_MODEL --out_dir={folder}' \
+        in str(error.value) and 'prepare.py --input' not in str(error.value), error.value
+
+
 def test_open_split_checks_sizes_on_every_call(datasets, tmp_path):
     """train.py opens a split afresh for every batch: a file cut while a run goes on is refused there too."""
     folder = damaged(datasets, 'plain', lambda folder: None, tmp_path)

@@ -149,3 +149,18 @@ def test_sample_py_gives_sample_i_the_seed_plus_i_stream(tmp_path):
     three = run('sample.py', *common, '--num_samples=3', '--seed=5').stdout.split('---------------')
     one = run('sample.py', *common, '--num_samples=1', '--seed=7').stdout.split('---------------')
     assert three[2].strip() == one[0].strip() and three[0].strip() != three[2].strip()
+
+
+def test_the_compiled_step_gives_the_eager_tokens():
+    """compile=True (inductor, with its C++ wrapper on a CPU): rows of different lengths, past block_size, one graph
+    per attention span; the tokens of the eager step, checked free of near-ties (the kernels sum in another order)."""
+    model = sharp_gpt(position='rotary')
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]
+    expected = [alone(model, p, 24, temperature=0) for p in prompts]
+    decoder = BatchDecoder(model, max_rows=3, compile=True)
+    rows = [decoder.add(p, 24, temperature=0) for p in prompts]
+    got = {row: [] for row in rows}
+    while decoder.rows:
+        for step in decoder.step():
+            got[step.row].append(step.token)
+    assert [got[row] for row in rows] == expected

@@ -75,6 +75,15 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(lab):
     assert 'the checkpoint of iteration 4' in result['message'] and '--learning_rate' in result['message']
 
 
+def test_a_run_diverging_to_finite_garbage_keeps_the_good_checkpoint(lab):
+    """A learning rate that sends the loss to hundreds or billions without a NaN: the first step that far above the
+    best val loss (divergence_factor) stops the run (with 'recover', after its recoveries), and the checkpoint of
+    iteration 4 stays the one saved, loadable."""
+    results = faults.garbage_trials(lab)
+    assert all(said and kept for _, said, kept, _ in results), results
+    assert all('x the best val loss' in message for *_, message in results), results
+
+
 def test_a_second_run_in_an_out_dir_is_refused_and_a_dead_runs_lock_taken_over(lab):
     result = faults.concurrent_trial(lab)
     assert result['refused'] and result['taken_over'], result
@@ -86,6 +95,13 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(lab):
     result = faults.disk_full_save_trial(lab)
     assert result['one_line'] and result['intact'] and not result['temporaries_left'], result
     assert 'File too large' in result['message'] and 'previous checkpoint' in result['message']
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGXFSZ'), reason='a full disk is imitated with POSIX file-size limits')
+def test_a_full_disk_outside_a_save_stops_in_one_line_and_leaves_nothing_partial(lab):
+    results = faults.full_disk_outside_saves(lab)
+    assert all(one_line and intact and clean for _, one_line, intact, clean, _ in results), results
+    assert all('File too large' in message for *_, message in results), results
 
 
 @pytest.mark.skipif(not hasattr(signal, 'SIGXFSZ'), reason='a full disk is imitated with POSIX file-size limits')
@@ -260,6 +276,15 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     with pytest.raises(CheckpointError, match='transformer.h.0.mlp.c_fc.weight .* hold NaN or inf'):
         save_checkpoint(tmp_path, model, None, 6, 1.0, args, {}, None)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_sizes_beyond_the_memory_are_refused_before_allocating(lab):
+    """Each HUGE_SIZES case: one line saying what it would need and what is free, in seconds, and without taking the
+    memory (the process's peak, as the kernel counted it, stays under 1 GB)."""
+    results = faults.huge_sizes(lab)
+    failed = [(name, args, message) for name, args, ok, _, _, message in results if not ok]
+    assert not failed, failed
+    assert all(seconds < 30 and peak < 1024 for _, _, _, seconds, peak, _ in results), results
 
 
 def test_bad_settings_give_one_line_and_exit_code_2(lab):

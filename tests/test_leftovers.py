@@ -1,5 +1,6 @@
 """What a killed process leaves behind is cleaned by the next one: the temporaries of a metrics log, a dataset and a
 checkpoint whose writer is dead go, a live writer's stay; prepare.py's workers end with it."""
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,31 @@ def zombie(pid):
             return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
     except OSError:
         return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
+def test_training_processes_end_with_a_killed_torchrun_agent_and_free_out_dir(tmp_path, char_dataset):
+    """kill -9 of torchrun's agent mid-run: both training processes save and stop (they trained on under PID 1,
+    holding out_dir's lock), and the next run in out_dir resumes from their checkpoint."""
+    import time
+    from conftest import DDP_TRAIN, ROOT, run, script_env
+    out = tmp_path / 'out'
+    agent = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                              'train.py', *DDP_TRAIN, f'--dataset={char_dataset}', f'--out_dir={out}',
+                              '--max_iters=100000', '--eval_interval=100000'], cwd=ROOT, env=script_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in agent.stdout:
+        if line.startswith('iter 2:'):
+            break
+    ranks = children(agent.pid)
+    assert len(ranks) == 2, ranks
+    agent.kill()
+    agent.wait()
+    deadline = time.time() + 60
+    while any(process_alive(pid) and not zombie(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(process_alive(pid) and not zombie(pid) for pid in ranks)
+    saved = json.loads((out / 'checkpoint.json').read_text())['iter_num']
+    proc = run('train.py', *DDP_TRAIN, f'--dataset={char_dataset}', f'--out_dir={out}', '--init_from=resume',
+               f'--max_iters={saved + 1}')
+    assert f'iter {saved + 1}:' in proc.stdout

@@ -177,8 +177,11 @@ def test_loading_refuses_bad_task_files(tmp_path):
                           ('{"context": "a", "choices": ["x", ""], "label": 0}', 'non-empty'),
                           ('{"choices": ["x", "y"], "label": 0}', '"context"'),
                           ('{"context": "a", "choices": ["x", "y"], "label": true}', 'label'),
-                          ('not json', 'not JSON'), ('', 'no items')):
-        path.write_text('{"context": "ok", "choices": ["x", "y"], "label": 1}\n' * bool(text) + text + '\n')
+                          ('not json', 'not JSON'), ('', 'no items'),
+                          ('{"context": "ol\u00e1", "choices": ["x", "y"], "label": 0}'.encode('latin-1').decode(
+                              'utf-8', 'surrogateescape'), r"line 2 is not UTF-8 \(byte 15 of the line is b'\\xe1'\)")):
+        path.write_text('{"context": "ok", "choices": ["x", "y"], "label": 1}\n' * bool(text) + text + '\n',
+                        errors='surrogateescape')  # the bytes of a latin-1 file as they are
         with pytest.raises(TaskError, match=message):
             load_task(str(path))
     with pytest.raises(TaskError, match='task_split'):

@@ -485,3 +485,16 @@ def test_prepare_rejects_empty_and_non_utf8_text(tmp_path):
     assert_clean_error(proc, 'not UTF-8', 'line 2', '--encoding_errors=replace')
     run_script('data/shakespeare_char/prepare.py', f'--input={latin1}', f'--out_dir={tmp_path}/b', '--encoding_errors=replace')
     assert '\ufffd' in load_meta(tmp_path / 'b')['tokenizer']['chars']
+
+
+@pytest.mark.parametrize('out_dir, message', [
+    ('/proc/version/data', 'cannot create out_dir /proc/version/data: Not a directory; give a folder you can write to'),
+    ('/proc/data', 'cannot create out_dir /proc/data: '),  # the kernel's own folder: no new entries
+])
+def test_an_out_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, out_dir, message):
+    """A traceback from os.makedirs before (NotADirectoryError, FileNotFoundError)."""
+    (tmp_path / 'input.txt').write_text(TINY_TEXT)
+    with pytest.raises(SystemExit) as exit:
+        prepare.main([f'--input={tmp_path / "input.txt"}', '--tokenizer=char', '--num_proc=1', f'--out_dir={out_dir}'])
+    error = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and error.count('\n') == 0 and message in error, error

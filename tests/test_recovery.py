@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, assert_clean_error, final_weights, run
 
-from recovery import DivergenceWatch
+from recovery import NO_BEST, DivergenceWatch
 
 # steps of one micro-batch: the spy's k-th training pass is a step's. Pass 3 (step 3) gets a NaN loss, before any
 # checkpoint: back to the first weights. Counting on from there, pass 15 is step 12, 4 steps past the checkpoint of
@@ -58,3 +58,14 @@ def test_a_spike_is_a_loss_above_a_multiple_of_the_recent_median(losses, verdict
     watch = DivergenceWatch(spike_factor=3, spike_window=4)
     seen = [watch.check(loss) for loss in losses]
     assert [('spike' if v and 'spiked' in v else v) for v in seen] == verdicts
+
+
+@pytest.mark.parametrize('loss, best, verdict', [
+    (35.0, 3.5, None),                                   # 10x the best: still a (bad) loss, not yet garbage
+    (35.1, 3.5, 'the loss is 35.1, 10x the best val loss (3.5000)'),
+    (2.3e10, 3.5, 'the loss is 2.3e+10, 6,571,428,571x the best val loss (3.5000)'),
+    (5e8, NO_BEST, None),                                # no evaluation yet: nothing to compare with
+])
+def test_a_loss_far_above_the_best_val_loss_is_a_divergence(loss, best, verdict):
+    assert DivergenceWatch(0, 4, divergence_factor=10).check(loss, best=best) == verdict
+    assert DivergenceWatch(0, 4, divergence_factor=0).check(loss, best=best) is None  # 0: never
