@@ -8,7 +8,6 @@ FSDP, each against what it must equal, printing one JSON line per check (rank 0)
     checkpoint  a save gathered one tensor at a time, and a resume reading each process's rows
     sample      decoding under FSDP with a different random stream per process, all following the master's tokens
 """
-import copy
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import checkpoint_model, load_training_state, load_weights, read_checkpoint, save_checkpoint  # noqa: E402

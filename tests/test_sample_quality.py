@@ -48,9 +48,11 @@ def test_self_perplexity_is_the_mean_loss_of_the_sampled_tokens():
 
 def test_eval_prints_the_figures_of_each_models_samples(char_dataset, tmp_path):
     out = tmp_path / 'out'
-    run('train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *TINY_TRAIN, '--max_iters=30', '--eval_interval=30')
+    # a block of 64: samples of 56 characters hold a dozen words, so 8-grams of words to look up in the training text
+    run('train.py', f'--dataset={char_dataset}', f'--out_dir={out}', *TINY_TRAIN, '--block_size=64', '--max_iters=30',
+        '--eval_interval=30')
     # the same model twice in one table: seeded, it draws the same samples and gets the same figures
-    proc = run('eval.py', f'--out_dir={out},{out}', '--device=cpu', '--samples=3', '--sample_tokens=30', '--start=ROMEO:')
+    proc = run('eval.py', f'--out_dir={out},{out}', '--device=cpu', '--samples=3', '--sample_tokens=56', '--start=ROMEO:')
     header, row, again = proc.stdout.strip().splitlines()[-3:]
     assert header.split() == ['model', 'samples', 'distinct-1', 'distinct-2', 'distinct-3', 'distinct-4', 'repeated',
                               '4-grams', 'longest', 'repeat', 'copied', '8-grams', 'self-perplexity']

@@ -145,7 +145,7 @@ def test_the_fine_tune_command_prepare_chat_prints_works_as_printed(char_dataset
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert 'tokens per iteration will be: 256' in proc.stdout  # TINY_TRAIN's batch of 8 x 32
-    assert "block_size=32" in proc.stdout and (tmp_path / f'out-chat' / 'checkpoint.json').exists()
+    assert "block_size=32" in proc.stdout and (tmp_path / 'out-chat' / 'checkpoint.json').exists()
 
 
 def test_eval_only_evaluates_a_resumed_checkpoint_without_training(char_dataset, tmp_path):
