@@ -241,6 +241,9 @@ class BatchDecoder:
                 self.forward_step = torch.compile(forward_step, dynamic=False, options={'cpp_wrapper': True})
         elif self.compiled:  # a torch.compile backend of the caller's (tests count graphs with one)
             self.forward_step = torch.compile(forward_step, backend=compile, dynamic=False)
+        if self.compiled:  # one graph per number of rows and span, each a power of two: let dynamo keep them all
+            graphs = (max_rows.bit_length() + 1) * max(1, self.max_len.bit_length() - 5)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs + 1)
         self.cache = StaticCache(model.config, max_rows, self.max_len, self.device, compute_dtype(weight)) \
             if use_cache else None
         if self.compiled and self.cache is not None and self.device.type == 'cuda':
@@ -337,17 +340,21 @@ class BatchDecoder:
                 logits[slot] = out[0, -1]
                 row.cached = row.window
         if len(stepping) == len(rows):  # the usual step: every row has one new token, one forward pass for all
-            tokens = torch.tensor([[row.tokens[-1]] for row in rows], dtype=torch.long, device=self.device)
-            positions = torch.tensor([row.cached for row in rows], dtype=torch.long, device=self.device)
-            longest = max(row.cached for row in rows) + 1
-            if self.compiled:  # a graph per span: spans rounded up to a multiple of 64 positions, a few graphs
-                span, at = min(self.max_len, _round_up(longest, 64)), None
+            tokens, positions = [[row.tokens[-1]] for row in rows], [row.cached for row in rows]
+            longest = max(positions) + 1
+            if self.compiled:
+                # a graph per shape: the rows padded to a power of two (the padding rows are free slots, which write
+                # at their position 0 and are refilled when a row takes them), the span rounded up to a power of two
+                n = min(self.max_rows, _power_of_two(len(rows)))
+                tokens, positions = tokens + [[0]] * (n - len(rows)), positions + [0] * (n - len(rows))
+                span, at = min(self.max_len, _power_of_two(max(longest, 64))), None
             else:  # eager: the positions in use exactly; no mask where all rows stand at one position
-                span, at = longest, longest - 1 if all(row.cached + 1 == longest for row in rows) else None
-            out = self.forward_step(self.model, tokens, positions, self.cache, span, at)
+                span, at = longest, longest - 1 if all(p + 1 == longest for p in positions) else None
+            out = self.forward_step(self.model, torch.tensor(tokens, dtype=torch.long, device=self.device),
+                                    torch.tensor(positions, dtype=torch.long, device=self.device), self.cache, span, at)
             for row in rows:
                 row.cached += 1
-            return out
+            return out[:len(rows)]
         for slot in stepping:  # rows that still wait for their step while others were prefilled: one by one
             row = rows[slot]
             tokens = torch.tensor([[row.tokens[-1]]], dtype=torch.long, device=self.device)
@@ -423,5 +430,6 @@ class BatchDecoder:
         return chosen
 
 
-def _round_up(n, multiple):
-    return -(-n // multiple) * multiple
+def _power_of_two(n):
+    """The smallest power of two of at least n."""
+    return 1 << (n - 1).bit_length()

@@ -164,3 +164,21 @@ def test_the_compiled_step_gives_the_eager_tokens():
         for step in decoder.step():
             got[step.row].append(step.token)
     assert [got[row] for row in rows] == expected
+
+
+def test_a_compiled_decoder_keeps_a_graph_for_every_batch_and_span_it_meets():
+    """Rows padded to a power of two and spans rounded up to one: 5 batch sizes x 2 spans = 10 graphs, beyond dynamo's
+    default limit of 8, past which it would quietly run the step eagerly (as a server whose clients come and go did).
+    Graphs counted by a backend that runs them as they are; the padded rows' tokens are dropped."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model = GPT(GPTConfig(block_size=128, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    counter = CompileCounter()
+    for rows in (1, 2, 3, 5, 16):  # padded to 1, 2, 4, 8, 16 rows
+        decoder = BatchDecoder(model, max_rows=16, compile=counter)
+        for r in range(rows):
+            decoder.add([r + 1], 70, temperature=0)
+        while decoder.rows:  # 70 positions: spans of 64 and 128
+            assert len(decoder.step()) == rows
+    assert counter.frame_count == 10
