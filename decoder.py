@@ -198,7 +198,8 @@ class Row:
     def __init__(self, id, tokens, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator, eot_id,
                  logprobs, block_size):
         self.id, self.tokens, self.max_new_tokens = id, list(tokens), max_new_tokens
-        self.temperature, self.top_k, self.top_p, self.repetition_penalty = temperature, top_k, top_p, repetition_penalty
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty = repetition_penalty
         self.generator, self.eot_id, self.logprobs = generator, eot_id, logprobs
         self.start = max(0, len(self.tokens) - block_size)  # a long prompt keeps its last block_size tokens
         self.cached = 0  # positions of the window (from start) held in the cache
@@ -219,9 +220,9 @@ class BatchDecoder:
     max_len: positions kept per row (at most block_size; less saves memory when prompts and outputs are short).
     use_cache=False recomputes each row's window from scratch every step: the plain reference the cache is tested
     against (and a way around a suspected cache problem). compile: True compiles the one-token step with
-    torch.compile (on a GPU with CUDA graphs), 'auto' on a GPU only, or a torch.compile backend to compile with. sync(tokens): the
-    tokens every process goes on with, when several run the model together (FSDP: all must run the same forward
-    passes and stop together)."""
+    torch.compile (on a GPU with CUDA graphs), 'auto' on a GPU only, or a torch.compile backend to compile with.
+    sync(tokens): the tokens every process goes on with, when several run the model together (FSDP: all must run the
+    same forward passes and stop together)."""
 
     def __init__(self, model, max_rows=16, vocab_size=None, max_len=None, use_cache=True, compile=False, sync=None):
         self.model, self.max_rows, self.use_cache, self.sync = model, max_rows, use_cache, sync
@@ -237,7 +238,7 @@ class BatchDecoder:
         if compile is True:
             if self.device.type == 'cuda':  # CUDA graphs: the step replays without Python
                 self.forward_step = torch.compile(forward_step, mode='reduce-overhead', dynamic=False)
-            else:  # a C++ wrapper around the kernels: less Python per step (bench_sample.py: ~10% at batch 1)
+            else:  # a C++ wrapper around the kernels: less Python per step (~7% faster at batch 1 here)
                 self.forward_step = torch.compile(forward_step, dynamic=False, options={'cpp_wrapper': True})
         elif self.compiled:  # a torch.compile backend of the caller's (tests count graphs with one)
             self.forward_step = torch.compile(forward_step, backend=compile, dynamic=False)
@@ -310,7 +311,7 @@ class BatchDecoder:
             logits = self._cached_logits() if self.use_cache else self._plain_logits()
         logits = logits.float().clone()  # outside inference mode: an ordinary tensor callers may change in place
         if self.vocab_size is not None and self.vocab_size < logits.size(-1):
-            logits[:, self.vocab_size:] = -float('inf')  # the rows padding the embedding to a multiple of 64 are no tokens
+            logits[:, self.vocab_size:] = -float('inf')  # rows padding the embedding to a multiple of 64: no tokens
         return logits
 
     def _plain_logits(self):

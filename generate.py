@@ -166,7 +166,8 @@ class TextStream:
         return self._show(end)
 
     def finish(self, ended_by_model=False):
-        self._cut(_completion(self.tokenizer, self.prompt_ids, self.tokens, self.prompt_text, complete=not ended_by_model))
+        ended = ended_by_model
+        self._cut(_completion(self.tokenizer, self.prompt_ids, self.tokens, self.prompt_text, complete=not ended))
         return self._show(len(self.text))
 
     def _cut(self, text):
@@ -197,45 +198,43 @@ def generate_text(model, tokenizer, prompt_ids, num_samples=1, max_new_tokens=10
         from tqdm import tqdm
         bar = tqdm(total=max_new_tokens, unit='tok', leave=False, dynamic_ncols=True)
     streams = [TextStream(tokenizer, prompt_ids, stop) for _ in range(num_samples)]
+    ended = [False] * num_samples  # ended by the model (its end-of-text), not cut by max_new_tokens
     if num_beams > 1:
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
         hypotheses = beam_search(model, idx, max_new_tokens, num_beams, length_penalty, repetition_penalty,
                                  tokenizer.eot_id, use_cache, tokenizer.vocab_size)
-        for stream, (_, tokens) in zip(streams, hypotheses):
-            ended = bool(tokens) and tokens[-1] == tokenizer.eot_id  # beam search's hypotheses keep it
-            stream.tokens = tokens[:-1] if ended else tokens
-            stream.ended = ended
+        streams = streams[:len(hypotheses)]  # the search may finish fewer hypotheses than samples were asked for
+        for i, (stream, (_, tokens)) in enumerate(zip(streams, hypotheses)):
+            ended[i] = bool(tokens) and tokens[-1] == tokenizer.eot_id  # beam search's hypotheses keep it
+            stream.tokens = tokens[:-1] if ended[i] else tokens
         if bar is not None:
             bar.update(max_new_tokens)
     else:
         decoder = BatchDecoder(model, num_samples, tokenizer.vocab_size, max_len=len(prompt_ids) + max_new_tokens,
                                use_cache=use_cache, compile=compile, sync=sync)
-        rows = {}
-        for i, stream in enumerate(streams):
-            row = decoder.add(prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                              seed=None if seed is None else seed + i, eot_id=tokenizer.eot_id, generator=generator)
-            rows[row], stream.ended = i, False
+        rows = {decoder.add(prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                            seed=None if seed is None else seed + i, eot_id=tokenizer.eot_id, generator=generator): i
+                for i in range(num_samples)}
         while decoder.rows:
             if bar is not None:
                 bar.update(1)
             for step in decoder.step():
-                i, stream = rows[step.row], streams[rows[step.row]]
+                i = rows[step.row]
                 if step.finished and step.token == tokenizer.eot_id:
-                    stream.ended = True
-                    continue
-                if stop or on_text:
-                    new = stream.push(step.token)
+                    ended[i] = True
+                elif stop or on_text:
+                    new = streams[i].push(step.token)
                     if new and on_text:
                         on_text(i, new)
-                    if stream.done and not step.finished:
+                    if streams[i].done and not step.finished:
                         decoder.cancel(step.row)
                 else:
-                    stream.tokens.append(step.token)
+                    streams[i].tokens.append(step.token)
     if bar is not None:
         bar.close()
     completions = []
     for i, stream in enumerate(streams):
-        rest = stream.finish(ended_by_model=stream.ended)
+        rest = stream.finish(ended_by_model=ended[i])
         if on_text and rest:
             on_text(i, rest)
         completions.append(stream.text)

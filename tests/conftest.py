@@ -129,6 +129,20 @@ def assert_no_near_tie(logits, what=''):
                             f'differences between code paths can swap: pick data (a seed) with clear-cut choices')
 
 
+def sharp_gpt(block_size, vocab_size, seed=0, **overrides):
+    """A tiny GPT (2 layers, 32 wide, untied) for decoding tests, with sharper distributions than the 0.02 init (its
+    head scaled by 20): no near-ties for argmax to trip on."""
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    args = dict(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                tie_weights=False)
+    model = GPT(GPTConfig(**{**args, **overrides})).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
+
+
 def decoder_of(model, prompt, use_cache=True, max_new_tokens=None):
     """A decoder.BatchDecoder continuing every row of prompt (B, T), to be driven step by step (next_logits, append);
     decoder_of(...).tokens() is each row's sequence so far."""

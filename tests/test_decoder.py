@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import assert_no_near_tie, run
+from conftest import assert_no_near_tie, run, sharp_gpt
 from decoder import BatchDecoder, BatchFull, penalise_repetition, sample_token
 from model import GPT, GPTConfig
 
@@ -14,13 +14,8 @@ VOCAB = 40
 pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 
-def sharp_gpt(**overrides):
-    torch.manual_seed(0)
-    args = dict(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, dropout=0.0, tie_weights=False)
-    model = GPT(GPTConfig(**{**args, **overrides})).eval()
-    with torch.no_grad():  # sharper distributions than the 0.02 init: no near-ties for argmax to trip on
-        model.lm_head.weight.mul_(20)
-    return model
+def tiny_gpt(**overrides):
+    return sharp_gpt(BLOCK, VOCAB, **overrides)
 
 
 @torch.no_grad()
@@ -61,7 +56,7 @@ ROWS = [  # prompt length, new tokens, settings: greedy, sampled with each contr
 @pytest.mark.parametrize('overrides', [dict(), dict(position='rotary', norm='rmsnorm', qk_norm=True, bias=False)],
                          ids=['learned', 'rotary'])
 def test_each_row_gets_the_tokens_it_gets_alone_while_rows_join_and_leave(overrides):
-    model = sharp_gpt(**overrides)
+    model = tiny_gpt(**overrides)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n, _, _ in ROWS]
     expected = [alone(model, p, n, vocab_size=VOCAB - 3, **settings) for p, (_, n, settings) in zip(prompts, ROWS)]
@@ -88,7 +83,7 @@ def test_each_row_gets_the_tokens_it_gets_alone_while_rows_join_and_leave(overri
 
 
 def test_cancelled_rows_leave_and_the_others_go_on_unchanged():
-    model = sharp_gpt()
+    model = tiny_gpt()
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]
     expected = [alone(model, p, 30, temperature=0) for p in prompts]
     decoder = BatchDecoder(model, max_rows=3)
@@ -106,7 +101,7 @@ def test_cancelled_rows_leave_and_the_others_go_on_unchanged():
 
 
 def test_log_probabilities_are_those_of_a_plain_forward_pass():
-    model = sharp_gpt()
+    model = tiny_gpt()
     prompt = [3, 1, 4, 1, 5]
     decoder = BatchDecoder(model, max_rows=2)
     row = decoder.add(prompt, 6, temperature=1.0, seed=5, logprobs=3)
@@ -128,7 +123,7 @@ def test_log_probabilities_are_those_of_a_plain_forward_pass():
 
 
 def test_bad_settings_are_refused_in_one_line():
-    decoder = BatchDecoder(sharp_gpt(), max_rows=1)
+    decoder = BatchDecoder(tiny_gpt(), max_rows=1)
     for kwargs, words in ((dict(temperature=-1), 'temperature'), (dict(top_p=0), 'top_p'),
                           (dict(repetition_penalty=0), 'repetition_penalty')):
         with pytest.raises(ValueError, match=words):
@@ -154,7 +149,7 @@ def test_sample_py_gives_sample_i_the_seed_plus_i_stream(tmp_path):
 def test_the_compiled_step_gives_the_eager_tokens():
     """compile=True (inductor, with its C++ wrapper on a CPU): rows of different lengths, past block_size, one graph
     per attention span; the tokens of the eager step, checked free of near-ties (the kernels sum in another order)."""
-    model = sharp_gpt(position='rotary')
+    model = tiny_gpt(position='rotary')
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]
     expected = [alone(model, p, 24, temperature=0) for p in prompts]
     decoder = BatchDecoder(model, max_rows=3, compile=True)

@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from conftest import assert_no_near_tie, decoder_of
+from conftest import assert_no_near_tie, decoder_of, sharp_gpt
 from decoder import check_controls, filter_top_k, filter_top_p, penalise_repetition, sample_token
 from generate import beam_search, generate, generate_text, generate_tokens, use_decoding_layout
-from model import GPT, GPTConfig
 from muon import configure_optimizers
 from tokenizer import make_tokenizer
 
@@ -22,12 +21,7 @@ pytestmark = pytest.mark.usefixtures('torch_threads_here')
 
 
 def tiny_gpt(seed=0, vocab_size=48, **overrides):
-    torch.manual_seed(seed)
-    args = dict(block_size=BLOCK, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0, tie_weights=False)
-    model = GPT(GPTConfig(**{**args, **overrides})).eval()
-    with torch.no_grad():  # sharper distributions than the 0.02 init: no near-ties for argmax to trip on
-        model.lm_head.weight.mul_(20)
-    return model
+    return sharp_gpt(BLOCK, vocab_size, seed, **overrides)
 
 
 @torch.no_grad()

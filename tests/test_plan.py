@@ -142,13 +142,18 @@ CASES = [
 def test_the_predicted_peak_is_within_15_percent_of_the_measured_one():
     """bench_plan.py does this for train.py itself over eight configurations (the README's table); here two, with
     train.py's step in a process of their own (the resident memory of a process is the measurement)."""
-    proc = subprocess.run([sys.executable, '-c', f'CASES = {CASES!r}\n{MEASURE}'], cwd=ROOT, capture_output=True,
+    assert_predictions_within_15_percent(MEASURE, CASES)
+
+
+def assert_predictions_within_15_percent(script, cases):
+    """Run script (it prints a predicted and a measured figure per case) in a fresh process; compare each pair."""
+    proc = subprocess.run([sys.executable, '-c', f'CASES = {cases!r}\n{script}'], cwd=ROOT, capture_output=True,
                           text=True, timeout=300,
                           env=script_env(MALLOC_MMAP_THRESHOLD_='65536', PYTHONPATH=str(ROOT)))  # as bench_plan.py
     assert proc.returncode == 0, proc.stderr
     rows = [tuple(map(float, line.split())) for line in proc.stdout.splitlines()]
-    assert len(rows) == len(CASES)
-    for (predicted, measured), case in zip(rows, CASES):
+    assert len(rows) == len(cases)
+    for (predicted, measured), case in zip(rows, cases):
         assert abs(predicted / measured - 1) <= 0.15, (predicted, measured, case)
 
 
@@ -193,11 +198,4 @@ DECODE_CASES = [
 def test_the_decoding_estimate_is_within_15_percent_of_the_measured_peak():
     """sample.py refuses samples that cannot fit from decoding_peak. (It leaves out sampling's temporaries over the
     logits: where a large vocabulary makes those dominate, it is a lower bound, 18% under in one such case.)"""
-    proc = subprocess.run([sys.executable, '-c', f'CASES = {DECODE_CASES!r}\n{DECODE}'], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env=script_env(MALLOC_MMAP_THRESHOLD_='65536', PYTHONPATH=str(ROOT)))  # as bench_plan.py
-    assert proc.returncode == 0, proc.stderr
-    rows = [tuple(map(float, line.split())) for line in proc.stdout.splitlines()]
-    assert len(rows) == len(DECODE_CASES)
-    for (predicted, measured), case in zip(rows, DECODE_CASES):
-        assert abs(predicted / measured - 1) <= 0.15, (predicted, measured, case)
+    assert_predictions_within_15_percent(DECODE, DECODE_CASES)
