@@ -12,6 +12,7 @@ text; sample.py, eval.py, train.py's samples, serve.py).
 - the context window slides past block_size as it always did here: when a row's window is full it jumps forward by
   half a block (the newest half is kept and refilled once per half block, not every step)
 """
+import copy
 import math
 from collections import namedtuple
 
@@ -260,10 +261,6 @@ class BatchDecoder:
     def free_rows(self):
         return self.max_rows - len(self.rows)
 
-    @property
-    def active(self):
-        return [row.id for row in self.rows]
-
     def tokens(self):
         """Every active row's tokens so far (prompt and generated), in slot order."""
         return [row.tokens for row in self.rows]
@@ -377,15 +374,12 @@ class BatchDecoder:
         repeat). Rows beyond len(slots) leave."""
         if self.cache is not None:
             self.cache.gather_slots(torch.tensor(slots, device=self.device), max(r.cached for r in self.rows))
-        old = self.rows
-        self.rows = []
+        old, self.rows = self.rows, []
         for slot in slots:
-            row = old[slot]
-            copy = Row(self.next_id, row.tokens, row.max_new_tokens, row.temperature, row.top_k, row.top_p,
-                       row.repetition_penalty, row.generator, row.eot_id, row.logprobs, self.block)
-            copy.start, copy.cached, copy.new = row.start, row.cached, row.new
+            row = copy.copy(old[slot])  # settings, window and counts as they are; a new id and a token list of its own
+            row.id, row.tokens = self.next_id, list(row.tokens)
             self.next_id += 1
-            self.rows.append(copy)
+            self.rows.append(row)
 
     # -- a step
 
