@@ -586,6 +586,7 @@ RESUME_DAMAGE = {
     'a random generator of the wrong dtype': lambda folder: with_rng(folder, torch.zeros(5056, dtype=torch.float32)),
 }
 
+
 def edit_meta(change):
     """A damage: change(meta) edits the dataset's meta.json, as a dict."""
     return edit_json(change, 'meta.json')
