@@ -2,9 +2,9 @@
 When a run diverges: a non-finite loss or gradient norm, a loss far above the best val loss (a step's loss or an
 evaluation's val loss above divergence_factor times it: finite garbage, never saved as a checkpoint), or a loss
 spike (a step's loss above spike_factor times the median of the last spike_window steps'). With
-on_divergence='stop' (the default) the run stops and its last good checkpoint stays; with 'recover' it goes back to that checkpoint (or to its first weights, before the first),
-draws other batches and dropout from there, scales the learning rate down, and goes on, at most max_recoveries
-times. train.py:
+on_divergence='stop' (the default) the run stops and its last good checkpoint stays; with 'recover' it goes back to
+that checkpoint (or to its first weights, before the first), draws other batches and dropout from there, scales the
+learning rate down, and goes on, at most max_recoveries times. train.py:
 
     recovery = Recovery(on_divergence, spike_factor, spike_window, max_recoveries, recovery_lr_scale, model, saved,
                         divergence_factor)
