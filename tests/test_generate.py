@@ -432,3 +432,12 @@ def test_a_conversation_feeds_each_token_through_the_model_once():
         expected = greedy_without_near_ties(model, torch.tensor([history]), 2, use_cache=False)[0].tolist()
         assert reply == expected
         history += reply
+
+
+def test_beam_search_returns_the_hypotheses_it_finished_when_fewer_than_the_samples_asked():
+    """A two-token vocabulary and one new token: only two hypotheses exist, so four beams finish two; generate_text
+    returns those two completions (it raised AttributeError on the samples left without one)."""
+    tokenizer = make_tokenizer('char', 'ab')
+    model = sharp_gpt(BLOCK, 2)
+    texts = generate_text(model, tokenizer, tokenizer.encode('ab'), num_samples=4, num_beams=4, max_new_tokens=1)
+    assert sorted(texts) == ['a', 'b']
