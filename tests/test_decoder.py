@@ -76,6 +76,9 @@ def test_each_row_gets_the_tokens_it_gets_alone_while_rows_join_and_leave(overri
             got[which[step.row]].append(step.token)
             assert step.finished == (len(got[which[step.row]]) == len(expected[which[step.row]]))
         steps += 1
+    # exactly: the batch's logits are a few ulps from the reference's (other matrix shapes, a cached attention); the
+    # greedy rows were checked free of near-ties, and the sampled rows draw from sharp distributions (the head x20),
+    # where a few ulps move a draw only with a vanishing chance
     for i in range(len(ROWS)):
         assert got[i] == expected[i], f'row {i} ({ROWS[i]})'
     assert expected[4][-1] == 7 and len(expected[4]) < ROWS[4][1]  # the row with an end-of-text ended early
@@ -138,8 +141,11 @@ def test_sample_py_gives_sample_i_the_seed_plus_i_stream(tmp_path):
     from checkpoint import save_checkpoint
     from tokenizer import make_tokenizer
     tokenizer = make_tokenizer('char', 'abcdefghijklmnopqrstuvwxyz ,.')
-    args = dict(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    save_checkpoint(tmp_path, GPT(GPTConfig(**args)), None, 1, 0.0, args, {}, tokenizer.describe())
+    # sharp distributions: the batch of three and the single row multiply matrices of other shapes, logits a few ulps
+    # apart, and a draw from flat ones could land on the other side of a boundary on another CPU
+    model = sharp_gpt(BLOCK, 64)
+    args = dict(vars(model.config))
+    save_checkpoint(tmp_path, model, None, 1, 0.0, args, {}, tokenizer.describe())
     common = (f'--out_dir={tmp_path}', '--device=cpu', '--start=abc', '--max_new_tokens=20', '--temperature=1.0')
     three = run('sample.py', *common, '--num_samples=3', '--seed=5').stdout.split('---------------')
     one = run('sample.py', *common, '--num_samples=1', '--seed=7').stdout.split('---------------')
